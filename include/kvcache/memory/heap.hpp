@@ -1,0 +1,157 @@
+// SPDX-License-Identifier: Apache-2.0
+//! @file
+//! `heap_memory`: the baseline backend. Each range is one malloc'd block grown with realloc
+//! (geometric growth, so appends cost amortized O(1) copies), freed on release; fork copies.
+//! No pages, no sharing, no reuse beyond what malloc itself does. Benchmarks measure the
+//! virtual-memory backends against it.
+#pragma once
+
+#include <kvcache/config.hpp>
+#include <kvcache/core/error.hpp>
+#include <kvcache/memory/backend.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+KVCACHE_NAMESPACE_BEGIN
+
+struct heap_memory_config {
+  //! Upper bound on bytes held by all ranges together (out_of_pages past it); 0 = unlimited.
+  std::size_t max_bytes = 0;
+  //! Growth factor of realloc (>= 1); 1 grows to exactly what is asked (the naive concat cache).
+  double growth = 2.0;
+};
+
+class heap_memory {
+ public:
+  explicit heap_memory(const heap_memory_config& cfg = {}) : cfg_(cfg) {
+    if (!(cfg.growth >= 1.0)) raise(errc::invalid_argument, "heap_memory: growth must be >= 1");
+  }
+  heap_memory(const heap_memory&) = delete;
+  heap_memory& operator=(const heap_memory&) = delete;
+  heap_memory(heap_memory&& o) noexcept
+      : cfg_(o.cfg_), ranges_(std::move(o.ranges_)), free_ids_(std::move(o.free_ids_)),
+        held_(o.held_), stats_(o.stats_) {
+    o.ranges_.clear();
+  }
+  heap_memory& operator=(heap_memory&&) = delete;
+  ~heap_memory() {
+    for (auto& r : ranges_) std::free(r.data);
+  }
+
+  [[nodiscard]] std::size_t granularity() const noexcept { return 1; }
+
+  result<range_id> acquire(std::size_t capacity, std::size_t hint = 0) {
+    (void)hint;
+    if (capacity == 0) return status{errc::invalid_argument, "heap_memory::acquire: capacity 0"};
+    range_rec rec{nullptr, capacity, 0, true};
+    if (!free_ids_.empty()) {
+      const range_id id = free_ids_.back();
+      free_ids_.pop_back();
+      ranges_[id] = rec;
+      return id;
+    }
+    ranges_.push_back(rec);
+    return static_cast<range_id>(ranges_.size() - 1);
+  }
+
+  //! Grows blocks to cover the requests (moving their data: re-read data() afterwards).
+  status prepare(std::span<const write_request> reqs) {
+    std::size_t extra = 0;
+    for (const auto& q : reqs) {
+      if (q.range >= ranges_.size() || !ranges_[q.range].active)
+        return {errc::invalid_argument,
+                "heap_memory::prepare: range " + std::to_string(q.range) + " is not active"};
+      const auto& rec = ranges_[q.range];
+      if (q.end > rec.capacity || q.begin > q.end)
+        return {errc::capacity_exceeded, "heap_memory::prepare: bytes beyond the capacity of " +
+                                             std::to_string(rec.capacity)};
+      if (q.end > rec.size) extra += grown_size(rec, q.end) - rec.size;
+    }
+    if (extra == 0) return {};
+    if (cfg_.max_bytes && held_ + extra > cfg_.max_bytes)
+      return {errc::out_of_pages, "heap_memory: byte budget exhausted: need " +
+                                      std::to_string(extra) + " more bytes, " +
+                                      std::to_string(cfg_.max_bytes - held_) + " left"};
+    for (const auto& q : reqs) {
+      auto& rec = ranges_[q.range];
+      if (q.end <= rec.size) continue;
+      const std::size_t n = grown_size(rec, q.end);
+      void* p = std::realloc(rec.data, n);
+      if (!p) return {errc::out_of_pages, "heap_memory: realloc failed"};  // earlier growth kept
+      held_ += n - rec.size;
+      rec.data = static_cast<std::byte*>(p);
+      rec.size = n;
+      ++stats_.map_calls;
+    }
+    return {};
+  }
+
+  result<range_id> fork(range_id parent, std::size_t bytes) {
+    if (parent >= ranges_.size() || !ranges_[parent].active)
+      return status{errc::invalid_argument, "heap_memory::fork: range is not active"};
+    const std::size_t cap = ranges_[parent].capacity;
+    if (bytes > cap) return status{errc::capacity_exceeded, "heap_memory::fork: beyond capacity"};
+    auto child = acquire(cap);
+    if (!child) return child;
+    write_request q{*child, 0, bytes};
+    if (status st = prepare({&q, 1}); !st) {
+      release(*child);
+      return st;
+    }
+    if (bytes) std::memcpy(ranges_[*child].data, ranges_[parent].data, bytes);
+    stats_.cow_copies += bytes ? 1 : 0;
+    return child;
+  }
+
+  void release(range_id r) {
+    KVCACHE_ASSERT(r < ranges_.size() && ranges_[r].active);
+    auto& rec = ranges_[r];
+    std::free(rec.data);
+    held_ -= rec.size;
+    rec = range_rec{};
+    free_ids_.push_back(r);
+  }
+
+  [[nodiscard]] std::byte* data(range_id r) const noexcept { return ranges_[r].data; }
+  [[nodiscard]] std::size_t capacity(range_id r) const noexcept { return ranges_[r].capacity; }
+  [[nodiscard]] std::size_t backed_bytes(range_id r) const noexcept { return ranges_[r].size; }
+
+  [[nodiscard]] memory_stats stats() const {
+    memory_stats s = stats_;
+    s.page_size = 1;
+    s.pages_total = cfg_.max_bytes ? cfg_.max_bytes : held_;
+    s.pages_free = s.pages_total - held_;
+    s.pages_mapped = held_;
+    for (const auto& r : ranges_)
+      if (r.active) ++s.ranges_active;
+    return s;
+  }
+
+ private:
+  struct range_rec {
+    std::byte* data = nullptr;
+    std::size_t capacity = 0;
+    std::size_t size = 0;
+    bool active = false;
+  };
+  std::size_t grown_size(const range_rec& rec, std::size_t need) const noexcept {
+    const auto geometric = static_cast<std::size_t>(static_cast<double>(rec.size) * cfg_.growth);
+    return std::min(rec.capacity, std::max(need, geometric));
+  }
+
+  heap_memory_config cfg_;
+  std::vector<range_rec> ranges_;
+  std::vector<range_id> free_ids_;
+  std::size_t held_ = 0;
+  memory_stats stats_;
+};
+
+static_assert(memory_backend<heap_memory>);
+
+KVCACHE_NAMESPACE_END

@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: Apache-2.0
+//! @file
+//! `passthrough`: stores K/V exactly as given (fp32, fp16 or bf16); no scales.
+#pragma once
+
+#include <kvcache/core/dtype.hpp>
+#include <kvcache/quant/quantizer.hpp>
+
+#include <cstring>
+
+KVCACHE_NAMESPACE_BEGIN
+
+struct passthrough {
+  static constexpr const char* name() noexcept { return "none"; }
+  [[nodiscard]] std::size_t code_bytes(const geometry& g) const noexcept { return g.head_bytes(); }
+  [[nodiscard]] std::size_t scale_bytes(const geometry&) const noexcept { return 0; }
+
+  void encode(const void* src, std::size_t rows, const geometry& g, std::byte* codes,
+              std::byte* /*scales*/) const noexcept {
+    std::memcpy(codes, src, rows * g.head_bytes());
+  }
+  void decode(const std::byte* codes, const std::byte* /*scales*/, std::size_t rows,
+              const geometry& g, float* dst) const noexcept {
+    const std::size_t n = rows * g.head_dim;
+    if (g.type == dtype::f32) {
+      std::memcpy(dst, codes, n * sizeof(float));
+      return;
+    }
+    for (std::size_t i = 0; i < n; ++i) dst[i] = load_as_float(codes, i, g.type);
+  }
+};
+
+static_assert(quantizer<passthrough>);
+
+KVCACHE_NAMESPACE_END
