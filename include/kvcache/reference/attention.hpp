@@ -57,9 +57,9 @@ status attention(const layer_view& v, std::uint32_t query_heads, const float* q,
     return {errc::invalid_argument, "reference::attention: null query or output"};
   const std::uint32_t D = v.head_dim, H = v.kv_heads, G = query_heads / H, R = v.rows;
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> K, V;
+  thread_local std::vector<float> K, V, p;  // reused: this runs once per layer per step
   dequantize(v, K, V, quant);
-  std::vector<float> p(R);
+  p.resize(R);
   for (std::uint32_t t = 0; t < queries; ++t) {
     const std::int64_t qpos =
         query_positions ? query_positions[t] : std::numeric_limits<std::int64_t>::max();
