@@ -24,6 +24,7 @@
 #include <kvcache/quant/passthrough.hpp>
 #include <kvcache/quant/quantizer.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -180,7 +181,11 @@ class cache {
   //! Opens a sequence. `expected_tokens` (e.g. the prompt length) guides the best-fit reuse of
   //! ranges released by finished sequences; 0 = unknown (reuse the most mapped).
   result<seq_id> open(std::uint32_t expected_tokens = 0) {
-    const std::size_t hint = std::size_t{std::min(expected_tokens, cfg_.max_tokens)} * slot_stride_;
+    const std::size_t expected = std::min(expected_tokens, cfg_.max_tokens);
+    const std::size_t hint = cfg_.order == layout::token_major
+                                 ? expected * slot_stride_
+                                 : cfg_.geo.kv_heads * round_up(expected * code_bytes_,
+                                                                memory_.granularity());
     seq_rec rec;
     rec.layers.resize(cfg_.geo.layers);
     for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
@@ -275,10 +280,19 @@ class cache {
                     std::to_string(cfg_.max_tokens) + "); evict() first or raise max_tokens"};
 
     // Plan where every (token, head) goes, and the contiguous copies that puts them there.
+    // Fast path: token-major with no holes and one frontier: one copy into consecutive rows.
+    const bool rows_path = cfg_.order == layout::token_major && L.table.aligned();
     assign_.resize(std::size_t{n} * H);
-    for (std::uint32_t i = 0; i < n; ++i)
-      for (std::uint32_t h = 0; h < H; ++h) assign_[std::size_t{i} * H + h] = L.table.peek(h, i);
-    plan_chunks(n);
+    if (rows_path) {
+      const std::uint32_t f = L.table.frontier(0);
+      for (std::uint32_t i = 0; i < n; ++i)
+        std::fill_n(assign_.begin() + std::size_t{i} * H, H, f + i);
+      chunks_.assign(1, chunk{std::size_t{f} * slot_stride_, 0, std::size_t{n} * H});
+    } else {
+      for (std::uint32_t i = 0; i < n; ++i)
+        for (std::uint32_t h = 0; h < H; ++h) assign_[std::size_t{i} * H + h] = L.table.peek(h, i);
+      plan_chunks(n);
+    }
     requests_.clear();
     for (const auto& c : chunks_) {
       const std::size_t end = c.dst + c.rows * code_bytes_;
@@ -297,12 +311,16 @@ class cache {
       quant_.encode(vs + c.src * src_row, c.rows, cfg_.geo, vb + c.dst, nullptr);
     }
     const std::int64_t first = L.seen;
-    for (std::uint32_t i = 0; i < n; ++i)
-      for (std::uint32_t h = 0; h < H; ++h) {
-        [[maybe_unused]] const std::uint32_t slot =
-            L.table.place(h, static_cast<std::int32_t>(first + i));
-        KVCACHE_ASSERT(slot == assign_[std::size_t{i} * H + h]);
-      }
+    if (rows_path) {
+      L.table.place_rows(n, static_cast<std::int32_t>(first));
+    } else {
+      for (std::uint32_t i = 0; i < n; ++i)
+        for (std::uint32_t h = 0; h < H; ++h) {
+          [[maybe_unused]] const std::uint32_t slot =
+              L.table.place(h, static_cast<std::int32_t>(first + i));
+          KVCACHE_ASSERT(slot == assign_[std::size_t{i} * H + h]);
+        }
+    }
     L.seen += n;
     policy_.on_append(L.state, L.table, placement{assign_, H, n, first});
     return {};
@@ -357,13 +375,7 @@ class cache {
     KVCACHE_TRY(check_layer(layer));
     for (const auto& s : seqs) KVCACHE_TRY(check_seq(s, "batch"));
     batch_view b;
-    b.slot_stride = slot_stride_;
-    b.head_stride = head_stride_;
-    b.row_bytes = code_bytes_;
-    b.type = cfg_.geo.type;
-    b.order = cfg_.order;
-    b.kv_heads = cfg_.geo.kv_heads;
-    b.head_dim = cfg_.geo.head_dim;
+    fill_format(b);
     b.cu_rows.push_back(0);
     for (const auto& s : seqs) {
       const auto& L = seqs_[s.index].layers[layer];
@@ -480,10 +492,9 @@ class cache {
     }
   }
 
-  layer_view make_view(const layer_rec& L) const {
-    layer_view v;
-    v.k = memory_.data(L.k);
-    v.v = memory_.data(L.v);
+  // The storage format, common to layer and batch views.
+  template <class View>
+  void fill_format(View& v) const noexcept {
     v.slot_stride = slot_stride_;
     v.head_stride = head_stride_;
     v.row_bytes = code_bytes_;
@@ -491,6 +502,13 @@ class cache {
     v.order = cfg_.order;
     v.kv_heads = cfg_.geo.kv_heads;
     v.head_dim = cfg_.geo.head_dim;
+  }
+
+  layer_view make_view(const layer_rec& L) const {
+    layer_view v;
+    fill_format(v);
+    v.k = memory_.data(L.k);
+    v.v = memory_.data(L.v);
     v.rows = L.table.rows();
     v.positions = L.table.positions();
     v.live = L.table.live_data();

@@ -80,6 +80,32 @@ class slot_table {
     return slot;
   }
 
+  //! True when no head has holes and all frontiers are equal: the next tokens of every head go
+  //! to the same consecutive rows (the common case, served by place_rows()).
+  [[nodiscard]] bool aligned() const noexcept {
+    for (std::uint32_t h = 0; h < heads_; ++h)
+      if (!holes_[h].empty() || frontier_[h] != frontier_[0]) return false;
+    return true;
+  }
+
+  //! Places n tokens at positions first..first+n-1 in rows frontier..frontier+n-1 of every head.
+  //! Precondition: aligned() and room for n.
+  void place_rows(std::uint32_t n, std::int32_t first) {
+    const std::uint32_t f = frontier_[0];
+    KVCACHE_ASSERT(aligned() && f + n <= capacity_);
+    if (f + n > rows_) {
+      rows_ = f + n;
+      pos_.resize(std::size_t{rows_} * heads_, empty);
+    }
+    std::int32_t* p = pos_.data() + std::size_t{f} * heads_;
+    for (std::uint32_t i = 0; i < n; ++i)
+      for (std::uint32_t h = 0; h < heads_; ++h) *p++ = first + static_cast<std::int32_t>(i);
+    for (std::uint32_t h = 0; h < heads_; ++h) {
+      frontier_[h] += n;
+      live_[h] += n;
+    }
+  }
+
   //! Evicts the token in (slot, head); the slot becomes a hole.
   void vacate(std::uint32_t head, std::uint32_t slot) {
     auto& p = pos_[std::size_t{slot} * heads_ + head];

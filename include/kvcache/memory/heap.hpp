@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 KVCACHE_NAMESPACE_BEGIN
@@ -61,8 +62,10 @@ class heap_memory {
   }
 
   //! Grows blocks to cover the requests (moving their data: re-read data() afterwards).
+  //! The byte budget is checked against the exact need; growth beyond it is geometric only as
+  //! far as the budget's slack allows.
   status prepare(std::span<const write_request> reqs) {
-    std::size_t extra = 0;
+    grow_.clear();  // (range, largest end) per range needing growth
     for (const auto& q : reqs) {
       if (q.range >= ranges_.size() || !ranges_[q.range].active)
         return {errc::invalid_argument,
@@ -71,17 +74,24 @@ class heap_memory {
       if (q.end > rec.capacity || q.begin > q.end)
         return {errc::capacity_exceeded, "heap_memory::prepare: bytes beyond the capacity of " +
                                              std::to_string(rec.capacity)};
-      if (q.end > rec.size) extra += grown_size(rec, q.end) - rec.size;
-    }
-    if (extra == 0) return {};
-    if (cfg_.max_bytes && held_ + extra > cfg_.max_bytes)
-      return {errc::out_of_pages, "heap_memory: byte budget exhausted: need " +
-                                      std::to_string(extra) + " more bytes, " +
-                                      std::to_string(cfg_.max_bytes - held_) + " left"};
-    for (const auto& q : reqs) {
-      auto& rec = ranges_[q.range];
       if (q.end <= rec.size) continue;
-      const std::size_t n = grown_size(rec, q.end);
+      auto it = std::find_if(grow_.begin(), grow_.end(), [&](auto& g) { return g.first == q.range; });
+      if (it == grow_.end()) grow_.emplace_back(q.range, q.end);
+      else it->second = std::max(it->second, q.end);
+    }
+    if (grow_.empty()) return {};
+    std::size_t need = 0;
+    for (auto [r, end] : grow_) need += end - ranges_[r].size;
+    if (cfg_.max_bytes && held_ + need > cfg_.max_bytes)
+      return {errc::out_of_pages, "heap_memory: byte budget exhausted: need " +
+                                      std::to_string(need) + " more bytes, " +
+                                      std::to_string(cfg_.max_bytes - held_) + " left"};
+    for (auto [r, end] : grow_) {
+      auto& rec = ranges_[r];
+      std::size_t n = grown_size(rec, end);
+      const std::size_t exact = end - rec.size;
+      need -= exact;  // now: what the other ranges still need exactly
+      if (cfg_.max_bytes) n = std::min(n, rec.size + (cfg_.max_bytes - held_ - need));
       void* p = std::realloc(rec.data, n);
       if (!p) return {errc::out_of_pages, "heap_memory: realloc failed"};  // earlier growth kept
       held_ += n - rec.size;
@@ -97,6 +107,7 @@ class heap_memory {
       return status{errc::invalid_argument, "heap_memory::fork: range is not active"};
     const std::size_t cap = ranges_[parent].capacity;
     if (bytes > cap) return status{errc::capacity_exceeded, "heap_memory::fork: beyond capacity"};
+    bytes = std::min(bytes, ranges_[parent].size);  // only what the parent holds
     auto child = acquire(cap);
     if (!child) return child;
     write_request q{*child, 0, bytes};
@@ -148,6 +159,7 @@ class heap_memory {
   heap_memory_config cfg_;
   std::vector<range_rec> ranges_;
   std::vector<range_id> free_ids_;
+  std::vector<std::pair<range_id, std::size_t>> grow_;  // scratch of prepare()
   std::size_t held_ = 0;
   memory_stats stats_;
 };

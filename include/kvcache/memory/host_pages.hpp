@@ -180,7 +180,7 @@ class host_virtual_range {
 
   //! Maps `len` bytes of the file at `file_offset` to `base + offset`, read-write, shared.
   [[nodiscard]] status map(std::size_t offset, std::size_t len, int fd, off_t file_offset) noexcept {
-    void* p = ::mmap(base_ + offset, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
+    void* p = ::mmap(base_ + offset, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd,
                      file_offset);
     if (p == MAP_FAILED)
       return {errc::system_error,

@@ -197,7 +197,14 @@ class host_vmm {
     KVCACHE_ASSERT(r < ranges_.size() && ranges_[r].active);
     auto& rec = ranges_[r];
     rec.active = false;
-    if (!deferred_) unmap_from(rec, 0);
+    if (!deferred_) {
+      unmap_from(rec, 0);
+    } else {
+      // Idle ranges keep private pages only: a shared one would hold its sharer to copy-on-write
+      // (and count as unreclaimable) for a range nobody uses.
+      for (std::size_t i = 0; i < rec.table.size(); ++i)
+        if (rec.table[i] != no_page && pool_.refs(rec.table[i]) > 1) unmap_page(rec, i);
+    }
     idle_.push_back(r);
   }
 
@@ -219,6 +226,7 @@ class host_vmm {
     return freed;
   }
 
+  //! Walks every range and pool page: for diagnostics, not for every decode step.
   [[nodiscard]] memory_stats stats() const {
     memory_stats s = stats_;
     s.page_size = pool_.page_size();
