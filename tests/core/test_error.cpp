@@ -11,24 +11,15 @@
 #include <string>
 
 #include "catch.hpp"
+#include "support.hpp"
 
 using kvcache::errc;
 using kvcache::result;
 using kvcache::status;
 
-namespace {
+using kvtest::thrown_code;
 
-// The code of the kvcache::error that f throws, or nullopt when it throws nothing.
-template <class F>
-std::optional<errc> thrown_code(F&& f, std::string* what = nullptr) {
-  try {
-    f();
-  } catch (const kvcache::error& e) {
-    if (what) *what = e.what();
-    return e.code();
-  }
-  return std::nullopt;
-}
+namespace {
 
 struct point {
   int x = 0;

@@ -10,23 +10,15 @@
 #include <utility>
 
 #include "catch.hpp"
+#include "support.hpp"
 
 using kvcache::errc;
 using kvcache::host_page_pool;
 using kvcache::host_virtual_range;
 
-namespace {
+using kvtest::thrown_code;
 
-template <class F>
-std::optional<errc> thrown_code(F&& f, std::string* what = nullptr) {
-  try {
-    f();
-  } catch (const kvcache::error& e) {
-    if (what) *what = e.what();
-    return e.code();
-  }
-  return std::nullopt;
-}
+namespace {
 
 const std::size_t ps = kvcache::os_page_size();
 
