@@ -8,7 +8,16 @@
 
 #include <iostream>
 
+#if defined(KVCACHE_CONSUMER_CUDA)
+#  include <cuda_runtime_api.h>  // found through kvcache::cuda -> CUDA::cudart
+#endif
+
 int main() {
   std::cout << "kvcache " << kvcache::version_string << '\n';
+#if defined(KVCACHE_CONSUMER_CUDA)
+  int runtime = 0;  // needs no driver and no device
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess || runtime <= 0) return 1;
+  std::cout << "kvcache::cuda: CUDA runtime " << runtime << '\n';
+#endif
   return 0;
 }

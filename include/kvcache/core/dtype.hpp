@@ -13,6 +13,21 @@
 
 KVCACHE_NAMESPACE_BEGIN
 
+namespace detail {
+//! std::bit_cast is a host-only constexpr function to nvcc; memcpy works on both sides.
+template <class To, class From>
+KVCACHE_HOST_DEVICE To bit_cast(const From& from) noexcept {
+#if defined(__CUDACC__)
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+#else
+  return std::bit_cast<To>(from);
+#endif
+}
+}  // namespace detail
+
 //! Element type of K/V tensors.
 enum class dtype : std::uint8_t { f32, f16, bf16 };
 
@@ -33,14 +48,14 @@ constexpr const char* to_string(dtype t) noexcept {
 KVCACHE_HOST_DEVICE float half_to_float(std::uint16_t h) noexcept {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   const std::uint32_t em = h & 0x7fffu;
-  std::uint32_t bits = std::bit_cast<std::uint32_t>(std::bit_cast<float>(em << 13) * 0x1p112f);
+  std::uint32_t bits = detail::bit_cast<std::uint32_t>(detail::bit_cast<float>(em << 13) * 0x1p112f);
   if (em >= 0x7c00u) bits = 0x7f800000u | ((em & 0x3ffu) << 13);  // inf, NaN (payload kept)
-  return std::bit_cast<float>(bits | sign);
+  return detail::bit_cast<float>(bits | sign);
 }
 
 //! binary32 -> binary16, round to nearest even; overflow to inf, NaN stays NaN.
 KVCACHE_HOST_DEVICE std::uint16_t float_to_half(float f) noexcept {
-  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
+  const std::uint32_t x = detail::bit_cast<std::uint32_t>(f);
   const std::uint16_t sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
   const std::uint32_t abs = x & 0x7fffffffu;
   if (abs >= 0x7f800000u)  // inf or NaN
@@ -64,12 +79,12 @@ KVCACHE_HOST_DEVICE std::uint16_t float_to_half(float f) noexcept {
 
 //! bfloat16 -> binary32 (exact).
 KVCACHE_HOST_DEVICE float bf16_to_float(std::uint16_t b) noexcept {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
+  return detail::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
 }
 
 //! binary32 -> bfloat16, round to nearest even; NaN stays NaN.
 KVCACHE_HOST_DEVICE std::uint16_t float_to_bf16(float f) noexcept {
-  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
+  const std::uint32_t x = detail::bit_cast<std::uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
   return static_cast<std::uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
