@@ -31,6 +31,7 @@
 #include <kvcache/core/error.hpp>
 #include <kvcache/cuda/driver.cuh>
 #include <kvcache/memory/backend.hpp>
+#include <kvcache/memory/page_bookkeeping.hpp>
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
@@ -39,7 +40,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -63,8 +63,8 @@ struct cuda_vmm_config {
 
 class cuda_vmm {
  public:
-  using page_id = std::uint32_t;
-  static constexpr page_id no_page = ~page_id{0};
+  using page_id = kvcache::page_id;
+  static constexpr page_id no_page = kvcache::no_page;
 
   //! Creates the pool. Raises `error(system_error, "no CUDA device")` without a device,
   //! invalid_argument on a bad config, out_of_pages when the device cannot hold the pool.
@@ -125,9 +125,7 @@ class cuda_vmm {
       raise(st.code(), "cuda_vmm: creating a pool of " + std::to_string(cfg.pool_pages) +
                            " pages of " + std::to_string(page_size_) + " bytes: " + st.message());
     }
-    refs_.assign(handles_.size(), 0);
-    free_.reserve(handles_.size());
-    for (std::size_t i = handles_.size(); i-- > 0;) free_.push_back(static_cast<page_id>(i));
+    pool_ = page_refs(handles_.size());
   }
 
   cuda_vmm(const cuda_vmm&) = delete;
@@ -146,7 +144,7 @@ class cuda_vmm {
   [[nodiscard]] int device() const noexcept { return device_; }
   [[nodiscard]] std::size_t granularity() const noexcept { return page_size_; }
   [[nodiscard]] std::size_t pool_pages() const noexcept { return handles_.size(); }
-  [[nodiscard]] std::uint32_t refs(page_id p) const noexcept { return refs_[p]; }
+  [[nodiscard]] std::uint32_t refs(page_id p) const noexcept { return pool_.refs(p); }
   //! The page's address in the pool view (device memory, valid for the backend's lifetime).
   [[nodiscard]] std::byte* page_address(page_id p) const noexcept {
     return as_ptr(view_ + std::size_t{p} * page_size_);
@@ -158,18 +156,8 @@ class cuda_vmm {
     const std::size_t ps = page_size_;
     capacity = round_up(capacity, ps);
     const std::size_t want = (hint + ps - 1) / ps;
-    range_id best = no_range;
-    for (range_id r : idle_) {
-      const auto& rec = ranges_[r];
-      if (rec.bytes != capacity) continue;
-      if (best == no_range) {
-        best = r;
-        continue;
-      }
-      const std::size_t m = rec.mapped, bm = ranges_[best].mapped;
-      const bool covers = want > 0 && m >= want, best_covers = want > 0 && bm >= want;
-      if (covers != best_covers ? covers : (covers ? m < bm : m > bm)) best = r;
-    }
+    const range_id best =
+        best_fit(idle_, ranges_, capacity, want, [](const range_rec& r) { return r.bytes; });
     if (best != no_range) {
       idle_.erase(std::find(idle_.begin(), idle_.end(), best));
       ranges_[best].active = true;
@@ -209,7 +197,7 @@ class cuda_vmm {
       if (q.begin == q.end) continue;
       for (std::size_t i = q.begin / ps, last = (q.end - 1) / ps; i <= last; ++i) {
         const page_id p = rec.table[i];
-        if (p == no_page || refs_[p] > 1) work_.push_back({q.range, i});
+        if (p == no_page || pool_.refs(p) > 1) work_.push_back({q.range, i});
       }
     }
     if (work_.empty()) return {};  // the steady state: everything mapped and private
@@ -272,7 +260,7 @@ class cuda_vmm {
                         "cuMemMap(fork)");
         if (!st) break;
         ++stats_.map_calls;
-        ++refs_[src.table[j]];
+        pool_.retain(src.table[j]);
         dst.table[j] = src.table[j];
         ++dst.mapped;
       }
@@ -298,7 +286,7 @@ class cuda_vmm {
       unmap_from(rec, 0);
     } else {
       for (std::size_t i = 0; i < rec.table.size(); ++i)
-        if (rec.table[i] != no_page && refs_[rec.table[i]] > 1) unmap_page(rec, i);
+        if (rec.table[i] != no_page && pool_.refs(rec.table[i]) > 1) unmap_page(rec, i);
     }
     idle_.push_back(r);
   }
@@ -327,7 +315,7 @@ class cuda_vmm {
     memory_stats s = stats_;
     s.page_size = page_size_;
     s.pages_total = handles_.size();
-    s.pages_free = free_.size();
+    s.pages_free = pool_.free_pages();
     s.pages_mapped = s.pages_idle = s.ranges_active = s.ranges_idle = s.bytes_reserved = 0;
     for (const auto& rec : ranges_) {
       if (rec.bytes == 0) continue;
@@ -340,8 +328,7 @@ class cuda_vmm {
         s.pages_idle += rec.mapped;
       }
     }
-    s.pages_shared = static_cast<std::size_t>(
-        std::count_if(refs_.begin(), refs_.end(), [](std::uint32_t c) { return c > 1; }));
+    s.pages_shared = pool_.shared();
     return s;
   }
 
@@ -382,44 +369,29 @@ class cuda_vmm {
                       "cuMemAddressReserve");
   }
 
-  page_id take() noexcept {
-    KVCACHE_ASSERT(!free_.empty());
-    const page_id p = free_.back();
-    free_.pop_back();
-    refs_[p] = 1;
-    return p;
-  }
-  void put(page_id p) noexcept {
-    KVCACHE_ASSERT(refs_[p] > 0);
-    if (--refs_[p] == 0) free_.push_back(p);
-  }
+  page_id take() noexcept { return pool_.take(); }
+  void put(page_id p) noexcept { pool_.release(p); }
 
   // Makes at least n pages free, reclaiming idle ranges only if that is then enough.
   status reserve_free(std::size_t n) {
-    if (free_.size() >= n) return {};
-    std::unordered_map<page_id, std::uint32_t> idle_maps;
-    for (range_id r : idle_)
-      for (page_id p : ranges_[r].table)
-        if (p != no_page) ++idle_maps[p];
-    std::size_t reclaimable = 0;
-    for (auto [p, c] : idle_maps)
-      if (c == refs_[p]) ++reclaimable;
-    if (free_.size() + reclaimable < n)
+    if (pool_.free_pages() >= n) return {};
+    const std::size_t reclaimable = reclaimable_pages(idle_, ranges_, pool_);
+    if (pool_.free_pages() + reclaimable < n)
       return {errc::out_of_pages,
               "page pool exhausted: need " + std::to_string(n) + " pages of " +
-                  std::to_string(page_size_) + " bytes, " + std::to_string(free_.size()) +
+                  std::to_string(page_size_) + " bytes, " + std::to_string(pool_.free_pages()) +
                   " free and " + std::to_string(reclaimable) + " reclaimable of " +
                   std::to_string(handles_.size())};
     for (range_id r : idle_) {  // oldest idle range first, top pages first
       auto& rec = ranges_[r];
-      for (std::size_t i = rec.table.size(); i-- > 0 && free_.size() < n;)
+      for (std::size_t i = rec.table.size(); i-- > 0 && pool_.free_pages() < n;)
         if (rec.table[i] != no_page) {
           unmap_page(rec, i);
           ++stats_.pages_reclaimed;
         }
-      if (free_.size() >= n) break;
+      if (pool_.free_pages() >= n) break;
     }
-    KVCACHE_ASSERT(free_.size() >= n);
+    KVCACHE_ASSERT(pool_.free_pages() >= n);
     return {};
   }
 
@@ -505,10 +477,10 @@ class cuda_vmm {
 
   // Unmaps all pages at index >= first; returns how many pages went back to the free list.
   std::size_t unmap_from(range_rec& rec, std::size_t first) {
-    const std::size_t before = free_.size();
+    const std::size_t before = pool_.free_pages();
     for (std::size_t i = first; i < rec.table.size() && rec.mapped > 0; ++i)
       if (rec.table[i] != no_page) unmap_page(rec, i);
-    return free_.size() - before;
+    return pool_.free_pages() - before;
   }
 
   void destroy() noexcept {
@@ -539,8 +511,7 @@ class cuda_vmm {
     std::swap(prop_, o.prop_);
     std::swap(access_, o.access_);
     std::swap(handles_, o.handles_);
-    std::swap(refs_, o.refs_);
-    std::swap(free_, o.free_);
+    std::swap(pool_, o.pool_);
     std::swap(view_, o.view_);
     std::swap(view_bytes_, o.view_bytes_);
     std::swap(view_mapped_, o.view_mapped_);
@@ -558,8 +529,7 @@ class cuda_vmm {
   CUmemAllocationProp prop_{};
   CUmemAccessDesc access_{};
   std::vector<CUmemGenericAllocationHandle> handles_;  // page_id -> handle
-  std::vector<std::uint32_t> refs_;                    // mappings per page, the view not counted
-  std::vector<page_id> free_;
+  page_refs pool_;  // mappings per page (the view not counted) and the free list
   CUdeviceptr view_ = 0;  // every pool page mapped once, in page order (copy-on-write source)
   std::size_t view_bytes_ = 0;
   std::size_t view_mapped_ = 0;

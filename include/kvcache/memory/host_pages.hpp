@@ -11,6 +11,7 @@
 
 #include <kvcache/config.hpp>
 #include <kvcache/core/error.hpp>
+#include <kvcache/memory/page_bookkeeping.hpp>
 
 #include <cerrno>
 #include <cstddef>
@@ -42,7 +43,7 @@ inline std::string errno_text(const char* what, int err) {
 //! free list. Not thread-safe by itself: its owner serializes access.
 class host_page_pool {
  public:
-  using page_id = std::uint32_t;
+  using page_id = kvcache::page_id;
 
   //! `page_size` must be a positive multiple of the OS page; `pages` > 0. Raises on bad input or
   //! when the OS refuses the memfd. Memory is committed by the kernel on first touch.
@@ -68,10 +69,7 @@ class host_page_pool {
       raise(errc::system_error, detail::errno_text("mmap(pool view)", err));
     }
     view_ = static_cast<std::byte*>(view);
-    refs_.assign(pages, 0);
-    free_.reserve(pages);
-    // Descending, so pops come out ascending and fresh runs are file-contiguous (fewer mmaps).
-    for (std::size_t i = pages; i-- > 0;) free_.push_back(static_cast<page_id>(i));
+    refs_ = page_refs(pages);  // fresh runs come out file-contiguous (fewer mmaps)
   }
 
   host_page_pool(const host_page_pool&) = delete;
@@ -89,40 +87,27 @@ class host_page_pool {
 
   [[nodiscard]] std::size_t page_size() const noexcept { return page_size_; }
   [[nodiscard]] std::size_t pages() const noexcept { return pages_; }
-  [[nodiscard]] std::size_t free_pages() const noexcept { return free_.size(); }
+  [[nodiscard]] std::size_t free_pages() const noexcept { return refs_.free_pages(); }
   [[nodiscard]] int fd() const noexcept { return fd_; }
   [[nodiscard]] off_t offset(page_id p) const noexcept {
     return static_cast<off_t>(std::size_t{p} * page_size_);
   }
   //! The page's address in the pool view (valid for the pool's lifetime).
   [[nodiscard]] std::byte* address(page_id p) const noexcept { return view_ + offset(p); }
-  [[nodiscard]] std::uint32_t refs(page_id p) const noexcept { return refs_[p]; }
+  [[nodiscard]] std::uint32_t refs(page_id p) const noexcept { return refs_.refs(p); }
+  [[nodiscard]] const page_refs& bookkeeping() const noexcept { return refs_; }
 
   //! Takes a free page with one reference. Precondition: free_pages() > 0.
-  page_id take() noexcept {
-    KVCACHE_ASSERT(!free_.empty());
-    const page_id p = free_.back();
-    free_.pop_back();
-    refs_[p] = 1;
-    return p;
-  }
-  void retain(page_id p) noexcept {
-    KVCACHE_ASSERT(refs_[p] > 0);
-    ++refs_[p];
-  }
+  page_id take() noexcept { return refs_.take(); }
+  void retain(page_id p) noexcept { refs_.retain(p); }
   //! Drops one reference; returns true when the page went back to the free list.
-  bool release(page_id p) noexcept {
-    KVCACHE_ASSERT(refs_[p] > 0);
-    if (--refs_[p] != 0) return false;
-    free_.push_back(p);
-    return true;
-  }
+  bool release(page_id p) noexcept { return refs_.release(p); }
 
   //! Gives the memory of free pages back to the OS (their contents are lost; they stay in the
   //! pool). Returns the number of bytes punched out.
   std::size_t trim() noexcept {
     std::size_t bytes = 0;
-    for (page_id p : free_)
+    for (page_id p : refs_.free_list())
       if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset(p),
                       static_cast<off_t>(page_size_)) == 0)
         bytes += page_size_;
@@ -136,15 +121,13 @@ class host_page_pool {
     std::swap(fd_, o.fd_);
     std::swap(view_, o.view_);
     std::swap(refs_, o.refs_);
-    std::swap(free_, o.free_);
   }
 
   std::size_t page_size_ = 0;
   std::size_t pages_ = 0;
   int fd_ = -1;
   std::byte* view_ = nullptr;
-  std::vector<std::uint32_t> refs_;  // metadata apart from the data it describes
-  std::vector<page_id> free_;
+  page_refs refs_;
 };
 
 //! A reserved, initially inaccessible range of virtual addresses into which pool pages are

@@ -20,12 +20,12 @@
 #include <kvcache/core/error.hpp>
 #include <kvcache/memory/backend.hpp>
 #include <kvcache/memory/host_pages.hpp>
+#include <kvcache/memory/page_bookkeeping.hpp>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -40,8 +40,8 @@ struct host_vmm_config {
 
 class host_vmm {
  public:
-  using page_id = host_page_pool::page_id;
-  static constexpr page_id no_page = ~page_id{0};
+  using page_id = kvcache::page_id;
+  static constexpr page_id no_page = kvcache::no_page;
 
   explicit host_vmm(const host_vmm_config& cfg = {})
       : pool_(cfg.page_size, cfg.pool_pages), deferred_(cfg.deferred_reclamation) {}
@@ -59,18 +59,8 @@ class host_vmm {
     const std::size_t ps = pool_.page_size();
     capacity = round_up(capacity, ps);
     const std::size_t want = (hint + ps - 1) / ps;
-    range_id best = no_range;
-    for (range_id r : idle_) {
-      const auto& rec = ranges_[r];
-      if (rec.va.size() != capacity) continue;
-      if (best == no_range) {
-        best = r;
-        continue;
-      }
-      const std::size_t m = rec.mapped, bm = ranges_[best].mapped;
-      const bool covers = want > 0 && m >= want, best_covers = want > 0 && bm >= want;
-      if (covers != best_covers ? covers : (covers ? m < bm : m > bm)) best = r;
-    }
+    const range_id best =
+        best_fit(idle_, ranges_, capacity, want, [](const range_rec& r) { return r.va.size(); });
     if (best != no_range) {
       idle_.erase(std::find(idle_.begin(), idle_.end(), best));
       ranges_[best].active = true;
@@ -245,9 +235,7 @@ class host_vmm {
         s.pages_idle += rec.mapped;
       }
     }
-    s.pages_shared = 0;
-    for (std::size_t p = 0; p < pool_.pages(); ++p)
-      if (pool_.refs(static_cast<page_id>(p)) > 1) ++s.pages_shared;
+    s.pages_shared = pool_.bookkeeping().shared();
     return s;
   }
 
@@ -273,14 +261,7 @@ class host_vmm {
   // Makes at least n pages free, reclaiming idle ranges only if that is then enough.
   status reserve_free(std::size_t n) {
     if (pool_.free_pages() >= n) return {};
-    // Exact count: a page is freed by reclaiming when all its mappings are in idle ranges.
-    std::unordered_map<page_id, std::uint32_t> idle_maps;
-    for (range_id r : idle_)
-      for (page_id p : ranges_[r].table)
-        if (p != no_page) ++idle_maps[p];
-    std::size_t reclaimable = 0;
-    for (auto [p, c] : idle_maps)
-      if (c == pool_.refs(p)) ++reclaimable;
+    const std::size_t reclaimable = reclaimable_pages(idle_, ranges_, pool_.bookkeeping());
     if (pool_.free_pages() + reclaimable < n)
       return {errc::out_of_pages,
               "page pool exhausted: need " + std::to_string(n) + " pages of " +
