@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! @file
-//! What head_major costs against token_major on `host_vmm`.
+//! What head_major costs against token_major on `host_vmm`, and what one range per sequence for
+//! all layers (range_scope::per_sequence, vAttention's "megacache") saves.
 //!
 //! Each iteration grows one sequence to `len` tokens by decode appends (1 token per layer per
 //! step) and closes it; deferred reclamation keeps the ranges mapped, so after the first
@@ -10,8 +11,11 @@
 //!   used     bytes below the frontiers (len x kv_heads x head_dim x 2 bytes)
 //!   wasted   backed - used: token_major wastes at most one partly filled page per range,
 //!            head_major one per KV head (each head's region is page aligned)
-//! and the append throughput (K+V bytes/s), whose ratio head_major / token_major is printed,
-//! also paired (x_token_major: each head_major iteration is followed by a token_major one).
+//!            per_sequence one per sequence for all layers (K and V)
+//!   cold_maps  mmap calls of the first growth (before deferred reclamation has pages to reuse)
+//! and the append throughput (K+V bytes/s), whose ratios head_major / token_major and
+//! per_sequence / token_major are printed, also paired (x_token_major: each iteration is
+//! followed by a token_major one).
 #include "ratio_reporter.hpp"
 
 #include <kvcache/cache.hpp>
@@ -50,16 +54,19 @@ struct layout_cache {
 
   static std::size_t pages_per_range(kv::layout order, std::size_t ps, std::uint32_t len) {
     return order == kv::layout::token_major
-               ? (len * kHeadBytes * kKvHeads + ps - 1) / ps
+               ? (len * kHeadBytes * kKvHeads + ps - 1) / ps + 1  // per_sequence: +1 per layer
                : (len * kHeadBytes + ps - 1) / ps * kKvHeads;  // each head's region page aligned
   }
-  layout_cache(kv::layout order, std::size_t ps, std::uint32_t len_)
-      : c(kv::cache_config{{kLayers, kKvHeads, 32, kHeadDim, kv::dtype::f16}, kMaxTokens, 0, order},
+  layout_cache(kv::layout order, kv::range_scope scope, std::size_t ps, std::uint32_t len_)
+      : c(kv::cache_config{{kLayers, kKvHeads, 32, kHeadDim, kv::dtype::f16}, kMaxTokens, 0, order,
+                           scope},
           kv::host_vmm(kv::host_vmm_config{ps, 2 * kRanges * pages_per_range(order, ps, len_),
                                            true})),
         len(len_) {
     check(c.close(grow()), "close");  // maps the pages once; from now on nothing is mapped
+    cold_map_calls = c.stats().memory.map_calls;
   }
+  std::size_t cold_map_calls = 0;  // mmap calls of the first (cold) growth
   kv::seq_id grow() {
     auto s = c.open();
     if (!s) check(s.error(), "open");
@@ -71,25 +78,31 @@ struct layout_cache {
   void cycle() { check(c.close(grow()), "close"); }
 };
 
-// Both layouts of one (page size, length) stay alive while its benchmarks run.
-std::unique_ptr<layout_cache> g_token, g_head;
+// The variants of one (page size, length) stay alive while its benchmarks run.
+enum class variant { token_major, head_major, per_sequence };
+std::unique_ptr<layout_cache> g_token, g_head, g_seq;
 std::string g_group;
 
 using clk = std::chrono::steady_clock;
 
-void run(benchmark::State& state, const std::string& group, kv::layout order, std::size_t ps,
+void run(benchmark::State& state, const std::string& group, variant which, std::size_t ps,
          std::uint32_t len) {
   if (g_group != group) {
     g_token.reset();
     g_head.reset();
-    g_token = std::make_unique<layout_cache>(kv::layout::token_major, ps, len);
-    g_head = std::make_unique<layout_cache>(kv::layout::head_major, ps, len);
+    g_seq.reset();
+    using kv::layout, kv::range_scope;
+    g_token = std::make_unique<layout_cache>(layout::token_major, range_scope::per_layer, ps, len);
+    g_head = std::make_unique<layout_cache>(layout::head_major, range_scope::per_layer, ps, len);
+    g_seq = std::make_unique<layout_cache>(layout::token_major, range_scope::per_sequence, ps, len);
     g_group = group;
   }
-  layout_cache& own = order == kv::layout::token_major ? *g_token : *g_head;
-  const bool paired = order != kv::layout::token_major;
-  // head_major iterations are each followed by a token_major one (timed apart): x_token_major is
-  // the throughput ratio over the same instants.
+  layout_cache& own = which == variant::token_major ? *g_token
+                      : which == variant::head_major ? *g_head
+                                                     : *g_seq;
+  const bool paired = which != variant::token_major;
+  // other variants' iterations are each followed by a token_major one (timed apart):
+  // x_token_major is the throughput ratio over the same instants.
   double t_own = 0, t_ref = 0;
   for (auto _ : state) {
     const auto t0 = clk::now();
@@ -117,6 +130,7 @@ void run(benchmark::State& state, const std::string& group, kv::layout order, st
   state.counters["used"] = C(used, C::kDefaults, C::kIs1024);
   state.counters["wasted"] = C(backed - used, C::kDefaults, C::kIs1024);
   state.counters["wasted_%"] = 100 * (backed - used) / backed;
+  state.counters["cold_maps"] = static_cast<double>(own.cold_map_calls);
 }
 
 std::string size_name(std::size_t ps) {
@@ -131,15 +145,19 @@ int main(int argc, char** argv) {
     for (std::uint32_t len : {100u, 1000u, 4096u, 16384u}) {
       const std::string prefix =
           "layout/" + size_name(ps) + "/" + std::to_string(len) + "tok/";
-      for (kv::layout order : {kv::layout::token_major, kv::layout::head_major})
-        benchmark::RegisterBenchmark((prefix + kv::to_string(order)).c_str(), run, prefix, order,
-                                     ps, len)
+      const std::pair<const char*, variant> variants[] = {{"token_major", variant::token_major},
+                                                          {"head_major", variant::head_major},
+                                                          {"per_sequence", variant::per_sequence}};
+      for (const auto& [name, which] : variants)
+        benchmark::RegisterBenchmark((prefix + name).c_str(), run, prefix, which, ps, len)
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
       pairs.push_back({prefix + "head_major", prefix + "token_major"});
+      pairs.push_back({prefix + "per_sequence", prefix + "token_major"});
     }
   const int rc = kvcache_bench::run_with_ratios(argc, argv, std::move(pairs), "x_token_major");
   g_token.reset();
   g_head.reset();
+  g_seq.reset();
   return rc;
 }

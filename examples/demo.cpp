@@ -10,12 +10,16 @@
 //   demo [--prompt N] [--decode N] [--layers N] [--budget R]   (R: budget as a fraction of tokens)
 
 #include <kvcache/kvcache.hpp>
+#include <kvcache/quant/fp8_e4m3.hpp>
+#include <kvcache/quant/ggml_blocks.hpp>
+#include <kvcache/quant/kivi.hpp>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -137,15 +141,39 @@ row run(const char* memory_name, const char* policy_name, Cache& kc, const synth
 
   seq_id s;
   timed([&] { s = kc.open(o.prompt).value(); });
-  // Prefill: the whole prompt per layer, then evict to the budget.
+  // Prefill: the whole prompt per layer, then evict to the budget. Score-based policies get
+  // their signal first: H2O the prompt's attention probabilities, SnapKV the last 32 queries.
   for (std::uint32_t l = 0; l < o.layers; ++l) {
     model.kv(l, 0, o.prompt, k, v);
     const kv_tensor kt{k.data(), dtype::f16, o.prompt, o.kv_heads, D};
     const kv_tensor vt{v.data(), dtype::f16, o.prompt, o.kv_heads, D};
-    timed([&] {
-      kc.append(s, l, kt, vt).check();
-      kc.evict(s, l).check();
-    });
+    timed([&] { kc.append(s, l, kt, vt).check(); });
+    if constexpr (Cache::template consumes<attention_signal>) {
+      const layer_view view = kc.view(s, l).value();
+      std::vector<float> qs(std::size_t{o.prompt} * QH * D), outs(qs.size());
+      std::vector<std::int64_t> qpos(o.prompt);
+      for (std::uint32_t t = 0; t < o.prompt; ++t) {
+        model.query(l, t, q);
+        std::copy(q.begin(), q.end(), qs.begin() + std::ptrdiff_t{t} * QH * D);
+        qpos[t] = t;
+      }
+      probs.resize(std::size_t{QH} * o.prompt * view.rows);
+      reference::attention(view, QH, qs.data(), o.prompt, qpos.data(), outs.data(), probs.data(),
+                           kc.quant())
+          .check();
+      timed([&] {
+        kc.observe(s, l, attention_signal{probs.data(), QH, o.prompt, view.rows}).check();
+      });
+    } else if constexpr (Cache::template consumes<query_signal>) {
+      const std::uint32_t w = std::min<std::uint32_t>(32, o.prompt);
+      std::vector<float> qs(std::size_t{w} * QH * D);
+      for (std::uint32_t i = 0; i < w; ++i) {
+        model.query(l, o.prompt - w + i, q);
+        std::copy(q.begin(), q.end(), qs.begin() + std::ptrdiff_t{i} * QH * D);
+      }
+      timed([&] { kc.observe(s, l, query_signal{qs.data(), dtype::f32, w}).check(); });
+    }
+    timed([&] { kc.evict(s, l).check(); });
   }
   const auto start = clock_type::now();
   for (std::uint32_t t = o.prompt; t < o.prompt + o.decode; ++t) {
@@ -199,6 +227,83 @@ row run(const char* memory_name, const char* policy_name, Cache& kc, const synth
   return r;
 }
 
+// A visual-autoregressive stream for the ScaleKV row: token maps of 1x1 .. 32x32 (Infinity's
+// schedule up to 1024 tokens per scale, 2521 tokens), each appended per layer with its queries.
+// Each scale first attends over the cache (error: its last 16 queries against keep-all's), then
+// the cache is compressed for the next scale.
+constexpr std::uint32_t kSides[] = {1, 2, 4, 6, 8, 12, 16, 20, 24, 32};
+
+template <class Cache>
+row run_scales(const char* policy_name, Cache& kc, const synthetic_model& model, const options& o,
+               std::uint32_t budget, std::vector<float>& truth_s, bool record_truth) {
+  row r{"host_vmm", policy_name, Cache::quantizer_type::name(), budget};
+  const std::uint32_t D = o.head_dim, QH = o.query_heads, W = 16;
+  std::vector<std::uint16_t> k, v;
+  std::vector<float> q, qs, out(std::size_t{W} * QH * D);
+  double cache_s = 0, err_sum = 0;
+  std::size_t err_n = 0;
+  const auto start = clock_type::now();
+  const seq_id s = kc.open().value();
+  std::uint32_t first = 0, at = 0;
+  for (std::uint32_t sc = 0; sc < std::size(kSides); ++sc) {
+    const std::uint32_t len = kSides[sc] * kSides[sc];
+    const std::vector<std::uint32_t> ids(len, sc);
+    for (std::uint32_t l = 0; l < o.layers; ++l) {
+      model.kv(l, first, len, k, v);
+      qs.resize(std::size_t{len} * QH * D);
+      for (std::uint32_t i = 0; i < len; ++i) {
+        model.query(l, first + i, q);
+        std::copy(q.begin(), q.end(), qs.begin() + std::ptrdiff_t{i} * QH * D);
+      }
+      const kv_tensor kt{k.data(), dtype::f16, len, o.kv_heads, D};
+      const kv_tensor vt{v.data(), dtype::f16, len, o.kv_heads, D};
+      auto t0 = clock_type::now();
+      kc.append(s, l, kt, vt).check();
+      const layer_view view = kc.view(s, l).value();
+      cache_s += std::chrono::duration<double>(clock_type::now() - t0).count();
+      const std::uint32_t nq = std::min(W, len);
+      reference::attention(view, QH, qs.data() + std::size_t{len - nq} * QH * D, nq, nullptr,
+                           out.data(), nullptr, kc.quant())
+          .check();
+      const std::size_t n_out = std::size_t{nq} * QH * D;
+      if (record_truth) {
+        truth_s.insert(truth_s.end(), out.begin(), out.begin() + std::ptrdiff_t(n_out));
+      } else {
+        double num = 0, den = 0;
+        for (std::size_t i = 0; i < n_out; ++i) {
+          const double d = out[i] - truth_s[at + i];
+          num += d * d;
+          den += double(truth_s[at + i]) * truth_s[at + i];
+        }
+        const double e = std::sqrt(num / (den > 0 ? den : 1));
+        err_sum += e;
+        r.err_max = std::max(r.err_max, e);
+        ++err_n;
+      }
+      at += static_cast<std::uint32_t>(n_out);
+      t0 = clock_type::now();
+      if constexpr (Cache::template consumes<scale_signal>)
+        kc.observe(s, l, scale_signal{ids.data(), len, kSides[sc], kSides[sc]},
+                   query_signal{qs.data(), dtype::f32, len})
+            .check();
+      kc.evict(s, l).check();
+      cache_s += std::chrono::duration<double>(clock_type::now() - t0).count();
+    }
+    first += len;
+    r.peak_backed = std::max(r.peak_backed, kc.stats().bytes_backed);
+  }
+  const double secs = std::chrono::duration<double>(clock_type::now() - start).count();
+  const auto st = kc.stats();
+  r.seen = first;
+  r.kept = double(st.entries_live) / (double(o.layers) * o.kv_heads);
+  r.bytes_backed = st.bytes_backed;
+  r.tok_per_s = first / secs;
+  r.cache_us_per_tok = cache_s * 1e6 / first;
+  r.err_mean = err_n ? err_sum / err_n : 0.0;
+  kc.close(s).check();
+  return r;
+}
+
 void print(const std::vector<row>& rows) {
   std::printf("\n%-9s %-12s %-6s %7s %7s %8s %11s %11s %9s %11s %10s %10s\n", "memory", "policy",
               "quant", "budget", "seen", "kept", "held MiB", "peak MiB", "tok/s", "cache us/tok",
@@ -208,6 +313,36 @@ void print(const std::vector<row>& rows) {
                 r.memory.c_str(), r.policy.c_str(), r.quant.c_str(), r.budget,
                 static_cast<unsigned long long>(r.seen), r.kept, r.bytes_backed / 1048576.0,
                 r.peak_backed / 1048576.0, r.tok_per_s, r.cache_us_per_tok, r.err_mean, r.err_max);
+}
+
+// One row per quantizer (keep_all, so the error is the format's alone): K+V bytes per token over
+// all layers (codes and out-of-band scales), and the attention error against the fp16 cache.
+struct quant_row {
+  std::string name;
+  double bytes_per_token = 0, ratio = 0;
+  row r;
+};
+
+template <class Q>
+void add_quant_row(std::vector<quant_row>& out, const std::string& name, Q quant,
+                   const cache_config& cfg, const host_vmm_config& vm, const synthetic_model& model,
+                   const options& o) {
+  cache<host_vmm, keep_all, Q> kc(cfg, host_vmm{vm}, keep_all{}, std::move(quant));
+  quant_row q;
+  q.name = name;
+  const auto& g = cfg.geo;
+  q.bytes_per_token = 2.0 * g.layers * g.kv_heads * double(kc.quant().code_bytes(g) + kc.quant().scale_bytes(g));
+  q.ratio = q.bytes_per_token / (2.0 * g.layers * g.token_bytes());
+  q.r = run("host_vmm", "keep_all", kc, model, o, cfg.max_tokens, false);
+  out.push_back(q);
+}
+
+void print_quant(const std::vector<quant_row>& rows) {
+  std::printf("\n%-22s %12s %9s %9s %11s %10s %10s\n", "quantizer", "bytes/token", "vs fp16",
+              "tok/s", "cache us/tok", "err mean", "err max");
+  for (const auto& q : rows)
+    std::printf("%-22s %12.0f %8.3fx %9.0f %11.2f %10.4f %10.4f\n", q.name.c_str(), q.bytes_per_token,
+                q.ratio, q.r.tok_per_s, q.r.cache_us_per_tok, q.r.err_mean, q.r.err_max);
 }
 
 }  // namespace
@@ -268,10 +403,65 @@ int main(int argc, char** argv) {
     cache<host_vmm, sink_window> kc(c, host_vmm{vm}, sink_window{4});
     rows.push_back(run("host_vmm", "sink_window", kc, model, o, c.budget, false));
   }
+  {
+    // H2O at the same budget: half heavy hitters, half recent (the paper's split).
+    cache_config c = cfg;
+    c.budget = budget_at(o.budget);
+    heavy_hitter_config hc;
+    hc.heavy = c.budget - c.budget / 2;
+    hc.recent = c.budget / 2;
+    cache<host_vmm, heavy_hitter<>> kc(c, host_vmm{vm}, heavy_hitter(hc));
+    rows.push_back(run("host_vmm", "heavy_hitter", kc, model, o, c.budget, false));
+  }
+  {
+    // SnapKV compresses the prompt once to the budget (LongBench defaults); decode then grows.
+    cache_config c = cfg;
+    c.budget = std::min(budget_at(o.budget), o.prompt);
+    cache<host_vmm, snapkv<>> kc(c, host_vmm{vm}, snapkv());
+    rows.push_back(run("host_vmm", "snapkv", kc, model, o, c.budget, false));
+  }
+  {
+    // ScaleKV on a visual-autoregressive stream (its own keep-all truth): released defaults,
+    // 650 tokens per layer on average (no table: every layer gets the base).
+    std::uint32_t scale_tokens = 0;
+    for (std::uint32_t sd : kSides) scale_tokens += sd * sd;
+    cache_config c = cfg;
+    c.max_tokens = scale_tokens;
+    host_vmm_config vs = vm;
+    vs.pool_pages = 2 * o.layers *
+                    (round_up(std::size_t{scale_tokens} * cfg.geo.token_bytes(), vs.page_size) /
+                         vs.page_size + 1);
+    std::vector<float> truth_s;
+    cache<host_vmm, keep_all> full(c, host_vmm{vs});
+    rows.push_back(run_scales("keep_all/VAR", full, model, o, scale_tokens, truth_s, true));
+    scale_aware_config sc;
+    sc.scales = static_cast<std::uint32_t>(std::size(kSides));
+    cache<host_vmm, scale_aware> kc(c, host_vmm{vs}, scale_aware(sc));
+    rows.push_back(run_scales("scale_aware", kc, model, o, sc.base_capacity, truth_s, false));
+  }
   print(rows);
   std::printf("\nheld = physical K/V memory backing the sequence at the end; peak = its maximum "
               "during decode; kept = live tokens per (layer, head).\ntok/s = whole decode loop "
               "(reference attention included); cache us/tok = time inside kvcache calls, prefill "
               "included, each row starting from a fresh pool (first touch of its pages).\n");
+
+  // Quantizers (keep_all): memory per token and the attention error each format costs.
+  std::vector<quant_row> qrows;
+  add_quant_row(qrows, "none (fp16)", passthrough{}, cfg, vm, model, o);
+  add_quant_row(qrows, "fp8_e4m3 (per layer)", fp8_e4m3{}, cfg, vm, model, o);
+  add_quant_row(qrows, "fp8_e4m3 (per head)", fp8_e4m3{scale_granularity::per_head}, cfg, vm, model, o);
+  add_quant_row(qrows, "q8_0", q8_0{}, cfg, vm, model, o);
+  add_quant_row(qrows, "q4_0", q4_0{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi_per_token<8,32>", kivi_per_token<8>{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi_per_token<4,32>", kivi_per_token<4>{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi_per_token<3,32>", kivi_per_token<3>{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi_per_token<2,32>", kivi_per_token<2>{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi<4,32,128>", kivi<4, 32, 128>{}, cfg, vm, model, o);
+  add_quant_row(qrows, "kivi<2,32,128>", kivi<2, 32, 128>{}, cfg, vm, model, o);
+  print_quant(qrows);
+  std::printf("\nbytes/token = K+V codes and scales of one token over all layers and KV heads; err = "
+              "relative L2 of the attention output vs the fp16 keep-all cache (dequantized on the "
+              "fly by reference::attention). kivi<b,g,r>: keys per channel (the newest r at fp16 in "
+              "a residual window, not counted in bytes/token), values per token.\n");
   return 0;
 }

@@ -47,6 +47,8 @@ inline std::string stats_diff(const kvcache::memory_stats& a, const kvcache::mem
   f("pages_reclaimed", a.pages_reclaimed, b.pages_reclaimed);
   f("cow_copies", a.cow_copies, b.cow_copies);
   f("ranges_reused", a.ranges_reused, b.ranges_reused);
+  f("pages_mapped_ahead", a.pages_mapped_ahead, b.pages_mapped_ahead);
+  f("ahead_skipped", a.ahead_skipped, b.ahead_skipped);
   return d;
 }
 

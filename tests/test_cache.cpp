@@ -7,6 +7,10 @@
 #include <kvcache/evict/sink_window.hpp>
 #include <kvcache/memory/heap.hpp>
 #include <kvcache/memory/host_vmm.hpp>
+#include <kvcache/quant/dense.hpp>
+#include <kvcache/quant/fp8_e4m3.hpp>
+#include <kvcache/quant/ggml_blocks.hpp>
+#include <kvcache/quant/kivi.hpp>
 
 #include <algorithm>
 #include <concepts>
@@ -40,6 +44,7 @@ using kvcache::seq_id;
 using kvcache::sink_window;
 using kvcache::status;
 using kvtest::stats_diff;
+using kvcache::round_up;
 
 namespace {
 
@@ -1087,4 +1092,178 @@ TEST_CASE("cache: heap_memory forks a head_major sequence within the parent's by
   REQUIRE(ch.ok());
   CHECK(mismatches(view_of(c, *ch, 0), cfg.geo, 1) == 0);
   CHECK(view_of(c, *ch, 0).rows == 5);
+}
+
+TEMPLATE_TEST_CASE("cache: map_ahead maps the next steps' pages so decode appends map nothing",
+                   "[cache][map_ahead]", host_vmm, heap_memory) {
+  // 2 kv heads x 8 f32 = 64 bytes per token: a page holds ps / 64 tokens.
+  const std::uint32_t per_page = static_cast<std::uint32_t>(ps / 64);
+  for (layout order : {layout::token_major, layout::head_major}) {
+    CAPTURE(order == layout::token_major);
+    const auto cfg = config(2, 2, 2, 8, dtype::f32, 4 * per_page, 0, order);
+    const geometry& g = cfg.geo;
+    auto c = make_cache<TestType>(cfg);
+    const seq_id a = open_seq(c), b = open_seq(c);
+    const seq_id both[] = {a, b};
+    std::size_t sync_maps = 0;
+    for (std::uint32_t t = 0; t < 2 * per_page + 3; ++t) {
+      const auto before = c.stats().memory.pages_mapped_total;
+      for (std::uint32_t l = 0; l < 2; ++l) {
+        REQUIRE(append_tokens(c, a, l, 1, 1).ok());
+        REQUIRE(append_tokens(c, b, l, 2, 1).ok());
+      }
+      const auto after = c.stats().memory;
+      if (t > 0) sync_maps += after.pages_mapped_total - before;
+      REQUIRE(c.map_ahead(both, 4).ok());  // the "compute" of this step would run here
+    }
+    REQUIRE(c.sync().ok());
+    for (std::uint32_t l = 0; l < 2; ++l) {
+      CHECK(mismatches(view_of(c, a, l), g, 1) == 0);
+      CHECK(mismatches(view_of(c, b, l), g, 2) == 0);
+    }
+    if constexpr (is_vmm<TestType>) {
+      CHECK(sync_maps == 0);  // every page after the first step was mapped ahead
+      const auto s = c.stats().memory;
+      CHECK(s.pages_mapped_ahead > 0);
+      CHECK(s.pages_mapped_ahead + 2 * 2 * 2 * (order == layout::token_major ? 1 : 2) ==
+            s.pages_mapped_total);
+      // at most the look-ahead beyond what is held: one extra page per range and head
+      CHECK(c.stats().bytes_backed <= c.stats().bytes_used + 2 * 2 * 2 * 2 * ps);
+    }
+  }
+
+  auto c = make_cache<TestType>(config(1, 2, 2, 8, dtype::f32, 64));
+  const seq_id a = open_seq(c);
+  REQUIRE(c.close(a).ok());
+  const seq_id stale[] = {a};
+  CHECK(c.map_ahead(stale).code() == errc::unknown_sequence);
+  CHECK(c.sync().ok());
+}
+
+// ---- one range per sequence for all layers (range_scope::per_sequence) ----------------------
+
+TEMPLATE_TEST_CASE("cache: per_sequence ranges hold every layer in one K and one V range",
+                   "[cache][per_sequence]", host_vmm, heap_memory) {
+  // 3 layers x 2 kv heads x 8 f32 = 192 bytes per slot row.
+  auto cfg = config(3, 2, 2, 8, dtype::f32, 256, 0);
+  cfg.ranges = kvcache::range_scope::per_sequence;
+  const geometry& g = cfg.geo;
+  auto c = make_cache<TestType, sink_window>(cfg, 0, sink_window{2});
+  const seq_id a = open_seq(c, 40);
+  for (std::uint32_t l = 0; l < 3; ++l) REQUIRE(append_tokens(c, a, l, 10 + l, 30).ok());  // prefill
+  for (int t = 0; t < 20; ++t)
+    for (std::uint32_t l = 0; l < 3; ++l) REQUIRE(append_tokens(c, a, l, 10 + l, 1).ok());
+  for (std::uint32_t l = 0; l < 3; ++l) {
+    const layer_view v = view_of(c, a, l);
+    CHECK(v.slot_stride == 3 * 2 * 8 * 4);
+    CHECK(v.head_stride == 8 * 4);
+    CHECK(v.rows == 50);
+    CHECK(v.k == view_of(c, a, 0).k + l * 2 * 8 * 4);  // one range, the layer at its offset
+    CHECK(mismatches(v, g, 10 + l) == 0);
+  }
+  if constexpr (is_vmm<TestType>) {
+    CHECK(c.stats().memory.ranges_active == 2);
+    CHECK(c.stats().bytes_backed == round_up(50 * 192, ps) * 2);
+  }
+
+  // eviction makes per-layer, per-head holes; refills land in the right layer's bytes
+  REQUIRE(c.set_budget(1, 12).ok());
+  REQUIRE(c.evict(a, 1).ok());
+  REQUIRE(append_tokens(c, a, 1, 11, 5).ok());
+  REQUIRE(append_tokens(c, a, 0, 10, 5).ok());
+  for (std::uint32_t l = 0; l < 3; ++l) CHECK(mismatches(view_of(c, a, l), g, 10 + l) == 0);
+  CHECK(view_of(c, a, 1).rows == 50);  // holes were reused
+  CHECK(view_of(c, a, 0).rows == 55);
+
+  // fork shares the one range; writes into the child stay apart
+  auto f = c.fork(a);
+  REQUIRE(f.ok());
+  REQUIRE(append_tokens(c, *f, 2, 20, 3).ok());
+  CHECK(mismatches(view_of(c, a, 2), g, 12) == 0);
+  CHECK(mismatches(view_of(c, *f, 2), g, [](std::int64_t p) { return p < 50 ? 12u : 20u; }) == 0);
+  CHECK(mismatches(view_of(c, *f, 0), g, 10) == 0);
+  const seq_id both[] = {a, *f};
+  REQUIRE(c.map_ahead(both, 8).ok());
+  REQUIRE(c.sync().ok());
+  auto b = c.batch(both, 1);
+  REQUIRE(b.ok());
+  CHECK(b->k[0] == view_of(c, a, 1).k);
+  CHECK(b->k[1] == view_of(c, *f, 1).k);
+  REQUIRE(c.close(a).ok());
+  REQUIRE(c.close(*f).ok());
+  if constexpr (is_vmm<TestType>) CHECK(c.stats().memory.ranges_active == 0);
+  CHECK(c.stats().sequences == 0);
+}
+
+TEST_CASE("cache: per_sequence ranges map a page crossing once for all layers",
+          "[cache][per_sequence]") {
+  // 4 layers x 2 heads x 8 f32: 64 bytes per layer row, 256 per slot row.
+  for (auto scope : {kvcache::range_scope::per_layer, kvcache::range_scope::per_sequence}) {
+    auto cfg = config(4, 2, 2, 8, dtype::f32, 4 * static_cast<std::uint32_t>(ps / 64));
+    cfg.ranges = scope;
+    auto c = make_cache<host_vmm>(cfg);
+    const seq_id a = open_seq(c);
+    const std::uint32_t tokens = static_cast<std::uint32_t>(ps / 64) + 1;  // just past a page
+    for (std::uint32_t t = 0; t < tokens; ++t)
+      for (std::uint32_t l = 0; l < 4; ++l) REQUIRE(append_tokens(c, a, l, 1, 1).ok());
+    const auto st = c.stats();
+    if (scope == kvcache::range_scope::per_layer) {
+      CHECK(st.memory.ranges_active == 8);
+      CHECK(st.bytes_backed == 8 * 2 * ps);  // every range: one full page + one partly used
+    } else {
+      CHECK(st.memory.ranges_active == 2);
+      CHECK(st.bytes_backed == 2 * 5 * ps);  // tokens * 256 bytes = 4 pages + 256: 5 pages each
+    }
+    CHECK(st.bytes_used == std::size_t{tokens} * 4 * 2 * 2 * 8 * 4);
+  }
+}
+
+TEST_CASE("cache: per_sequence ranges refuse layouts and formats they cannot hold", "[cache][per_sequence]") {
+  using kvtest::thrown_code;
+  std::string what;
+  auto cfg = config(2, 2, 2, 8, dtype::f32, 64, 0, layout::head_major);
+  cfg.ranges = kvcache::range_scope::per_sequence;
+  CHECK(thrown_code([&] { make_cache<host_vmm>(cfg); }, &what) == errc::invalid_argument);
+  CHECK(what.find("token_major") != std::string::npos);
+  cfg.order = layout::token_major;
+  cfg.geo.type = dtype::f16;
+  cfg.geo.head_dim = 64;
+  CHECK(thrown_code(
+            [&] {
+              cache<host_vmm, keep_all, kvcache::kivi_per_token<4>> c(cfg, backend<host_vmm>::make());
+            },
+            &what) == errc::invalid_argument);
+  CHECK(what.find("per_sequence") != std::string::npos);
+  cache<host_vmm, keep_all, kvcache::q8_0> ok(cfg, backend<host_vmm>::make());  // in-band scales
+  const seq_id s = open_seq(ok);
+  std::vector<std::uint16_t> x(2 * 64, 0x3c00);
+  const kv_tensor t{x.data(), dtype::f16, 1, 2, 64};
+  REQUIRE(ok.append(s, 1, t, t).ok());
+  std::vector<float> k(2 * 64), v(2 * 64);
+  REQUIRE(kvcache::dequantize_dense(view_of(ok, s, 1), ok.quant(), k.data(), v.data()).ok());
+  CHECK(k[0] == Approx(1.0f).epsilon(1e-3));  // q8_0: 127 x fp16(1/127)
+  CHECK(v[127] == Approx(1.0f).epsilon(1e-3));
+}
+
+TEMPLATE_TEST_CASE("cache: map_ahead covers every range of a format (codes, metadata, residual)",
+                   "[cache][map_ahead]", kvcache::passthrough, kvcache::q8_0, kvcache::fp8_e4m3,
+                   kvcache::kivi_per_token<4>, (kvcache::kivi<4, 32, 64>)) {
+  // 2 layers x 2 kv heads x 64 f16: a 4 KiB page holds 16 fp16 token rows per range.
+  auto cfg = config(2, 2, 2, 64, dtype::f16, 512);
+  cache<host_vmm, keep_all, TestType> c(cfg, backend<host_vmm>::make(2048));
+  const seq_id a = open_seq(c);
+  std::vector<std::uint16_t> x(2 * 64);
+  std::size_t sync_maps = 0;
+  for (std::uint32_t t = 0; t < 300; ++t) {
+    for (std::size_t i = 0; i < x.size(); ++i)
+      x[i] = kvcache::float_to_half(0.01f * static_cast<float>((t * 7 + i) % 97) - 0.4f);
+    const kv_tensor kt{x.data(), dtype::f16, 1, 2, 64};
+    const auto before = c.stats().memory.pages_mapped_total;
+    for (std::uint32_t l = 0; l < 2; ++l) REQUIRE(c.append(a, l, kt, kt).ok());
+    if (t > 0) sync_maps += c.stats().memory.pages_mapped_total - before;
+    REQUIRE(c.map_ahead({&a, 1}, 80).ok());
+  }
+  REQUIRE(c.sync().ok());
+  CHECK(sync_maps == 0);
+  CHECK(c.stats().memory.pages_mapped_ahead > 0);
 }

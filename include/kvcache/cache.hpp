@@ -13,6 +13,7 @@
 #pragma once
 
 #include <kvcache/config.hpp>
+#include <kvcache/core/chunk.hpp>
 #include <kvcache/core/error.hpp>
 #include <kvcache/core/geometry.hpp>
 #include <kvcache/core/signals.hpp>
@@ -21,20 +22,35 @@
 #include <kvcache/evict/keep_all.hpp>
 #include <kvcache/evict/policy.hpp>
 #include <kvcache/memory/backend.hpp>
+#include <kvcache/quant/dense.hpp>
 #include <kvcache/quant/passthrough.hpp>
 #include <kvcache/quant/quantizer.hpp>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <span>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 KVCACHE_NAMESPACE_BEGIN
+
+//! What one K (or V) range of the memory backend holds.
+enum class range_scope : std::uint8_t {
+  //! One range per (sequence, layer): `[slot][kv_head][head_dim]`. A page crossing of a decode
+  //! step touches 2L ranges, and each range holds its own partly used last page.
+  per_layer,
+  //! One range per sequence for all layers: `[slot][layer][kv_head][head_dim]` (vAttention's
+  //! "megacache"); a layer's view is strided by the whole slot row. A sequence holds 2 partly
+  //! used pages instead of 2L, and a prefill maps each tensor in one run. token_major only, and
+  //! for formats without out-of-band metadata ranges (passthrough, fp8, q8_0, q4_0).
+  per_sequence,
+};
 
 //! Shape and sizes of a cache.
 struct cache_config {
@@ -46,6 +62,7 @@ struct cache_config {
   //! 0 means max_tokens.
   std::uint32_t budget = 0;
   layout order = layout::token_major;
+  range_scope ranges = range_scope::per_layer;
 };
 
 //! A sequence handle. Stale handles (closed, or from another generation) are detected.
@@ -133,16 +150,47 @@ class cache {
                                       " exceeds max_tokens " + std::to_string(cfg.max_tokens));
     if (cfg.max_tokens > std::numeric_limits<std::int32_t>::max())
       raise(errc::invalid_argument, "cache: max_tokens above 2^31-1");
+    if (status st = quant_bind(quant_, cfg.geo); !st) raise(st.code(), "cache: " + st.message());
     code_bytes_ = quant_.code_bytes(cfg.geo);
     const std::size_t gran = memory_.granularity();
+    if (cfg.ranges == range_scope::per_sequence) {
+      if (cfg.order != layout::token_major)
+        raise(errc::invalid_argument, "cache: range_scope::per_sequence needs the token_major layout");
+      if (quant_.scale_bytes(cfg.geo) != 0 || quant_token_grouped<Quant>())
+        raise(errc::invalid_argument,
+              std::string("cache: range_scope::per_sequence takes formats without metadata "
+                          "ranges; ") + Quant::name() + " has them");
+    }
     if (cfg.order == layout::token_major) {
-      slot_stride_ = code_bytes_ * cfg.geo.kv_heads;
+      layer_stride_ = code_bytes_ * cfg.geo.kv_heads;
+      slot_stride_ = cfg.ranges == range_scope::per_sequence ? layer_stride_ * cfg.geo.layers
+                                                             : layer_stride_;
       head_stride_ = code_bytes_;
       range_bytes_ = round_up(std::size_t{cfg.max_tokens} * slot_stride_, gran);
     } else {
       slot_stride_ = code_bytes_;
       head_stride_ = round_up(std::size_t{cfg.max_tokens} * code_bytes_, gran);  // page aligned
       range_bytes_ = head_stride_ * cfg.geo.kv_heads;
+    }
+    // Out-of-band per-row metadata (KIVI scales and zeros): a range of its own per (sequence,
+    // layer, K|V), laid out like the codes with scale_bytes per row.
+    scale_bytes_ = quant_.scale_bytes(cfg.geo);
+    if (scale_bytes_) {
+      if (cfg.order == layout::token_major) {
+        scale_slot_stride_ = scale_bytes_ * cfg.geo.kv_heads;
+        scale_head_stride_ = scale_bytes_;
+      } else {
+        scale_slot_stride_ = scale_bytes_;
+        scale_head_stride_ = std::size_t{cfg.max_tokens} * scale_bytes_;
+      }
+      scale_range_bytes_ =
+          round_up(std::size_t{cfg.max_tokens} * cfg.geo.kv_heads * scale_bytes_, gran);
+    }
+    if constexpr (quant_token_grouped<Quant>()) {  // KIVI keys: a full-precision residual window
+      if (cfg.order != layout::token_major)
+        raise(errc::invalid_argument, std::string("cache: ") + Quant::name() +
+                                          " (token-grouped keys) needs the token_major layout");
+      residual_bytes_ = round_up(std::size_t{Quant::residual} * cfg.geo.token_bytes(), gran);
     }
     budget_.assign(cfg.geo.layers, cfg.budget ? cfg.budget : cfg.max_tokens);
   }
@@ -161,20 +209,43 @@ class cache {
 
   // ---- budgets ---------------------------------------------------------------------------
 
-  //! Tokens each head of `layer` keeps after evict().
+  //! Tokens each head of `layer` keeps after evict() (clears the layer's per-head budgets).
   status set_budget(std::uint32_t layer, std::uint32_t tokens) {
     KVCACHE_TRY(check_layer(layer));
     KVCACHE_TRY(check_budget(tokens));
     budget_[layer] = tokens;
+    if (!head_budget_.empty())
+      std::fill_n(head_budget_.begin() + std::size_t{layer} * cfg_.geo.kv_heads, cfg_.geo.kv_heads, 0u);
     return {};
   }
-  //! The same budget for every layer.
+  //! The same budget for every layer (clears per-head budgets).
   status set_budget(std::uint32_t tokens) {
     KVCACHE_TRY(check_budget(tokens));
     budget_.assign(budget_.size(), tokens);
+    head_budget_.clear();
+    return {};
+  }
+  //! Per-head budgets of one layer, `[kv_heads]` (all checked before any is set).
+  status set_budget(std::uint32_t layer, std::span<const std::uint32_t> per_head) {
+    KVCACHE_TRY(check_layer(layer));
+    if (per_head.size() != cfg_.geo.kv_heads)
+      return {errc::invalid_budget, "set_budget: " + std::to_string(per_head.size()) +
+                                        " per-head budgets for " +
+                                        std::to_string(cfg_.geo.kv_heads) + " kv heads"};
+    for (std::uint32_t b : per_head) KVCACHE_TRY(check_budget(b));
+    if (head_budget_.empty())
+      head_budget_.assign(std::size_t{cfg_.geo.layers} * cfg_.geo.kv_heads, 0u);
+    std::copy(per_head.begin(), per_head.end(),
+              head_budget_.begin() + std::size_t{layer} * cfg_.geo.kv_heads);
     return {};
   }
   [[nodiscard]] std::uint32_t budget(std::uint32_t layer) const noexcept { return budget_[layer]; }
+  //! The budget of one head of `layer`: its own if set, else the layer's.
+  [[nodiscard]] std::uint32_t budget(std::uint32_t layer, std::uint32_t head) const noexcept {
+    if (!head_budget_.empty())
+      if (const std::uint32_t b = head_budget_[std::size_t{layer} * cfg_.geo.kv_heads + head]) return b;
+    return budget_[layer];
+  }
 
   // ---- sequences -------------------------------------------------------------------------
 
@@ -190,6 +261,15 @@ class cache {
     rec.layers.resize(cfg_.geo.layers);
     for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
       auto& L = rec.layers[l];
+      L.layer = l;
+      L.table = slot_table(cfg_.geo.kv_heads, cfg_.max_tokens);
+      L.state = policy_.make_state(policy_context{cfg_.geo, l, cfg_.max_tokens});
+      if (l > 0 && shares_ranges()) {  // the layers of a sequence share its two ranges
+        L.k = rec.layers[0].k;
+        L.v = rec.layers[0].v;
+        L.off = l * layer_stride_;
+        continue;
+      }
       auto k = memory_.acquire(range_bytes_, hint);
       if (k) L.k = *k;
       auto v = k ? memory_.acquire(range_bytes_, hint) : result<range_id>(k.error());
@@ -198,8 +278,26 @@ class cache {
         release_ranges(rec);
         return k ? v.error() : k.error();
       }
-      L.table = slot_table(cfg_.geo.kv_heads, cfg_.max_tokens);
-      L.state = policy_.make_state(policy_context{cfg_.geo, l, cfg_.max_tokens});
+      if (scale_bytes_) {  // out-of-band metadata: a range of its own beside each of K and V
+        const std::size_t shint = hint / code_bytes_ * scale_bytes_;
+        auto ks = memory_.acquire(scale_range_bytes_, shint);
+        if (ks) L.ks = *ks;
+        auto vs = ks ? memory_.acquire(scale_range_bytes_, shint) : result<range_id>(ks.error());
+        if (vs) L.vs = *vs;
+        if (!ks || !vs) {
+          release_ranges(rec);
+          return ks ? vs.error() : ks.error();
+        }
+      }
+      if constexpr (quant_token_grouped<Quant>()) {
+        auto kr = memory_.acquire(residual_bytes_, residual_bytes_);
+        if (!kr) {
+          release_ranges(rec);
+          return kr.error();
+        }
+        L.kr = *kr;
+        L.qend.assign(cfg_.geo.kv_heads, 0u);
+      }
     }
     return install(std::move(rec));
   }
@@ -224,11 +322,27 @@ class cache {
     KVCACHE_TRY(check_seq(parent, "fork"));
     seq_rec rec;
     rec.layers.reserve(cfg_.geo.layers);
+    const auto& parent_layers = seqs_[parent.index].layers;
+    std::uint32_t top_rows = 0;  // shared ranges: the rows any layer uses
+    for (const auto& P : parent_layers) top_rows = std::max(top_rows, P.table.rows());
     for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
-      const auto& P = seqs_[parent.index].layers[l];
-      const std::size_t used = cfg_.order == layout::token_major
-                                   ? std::size_t{P.table.rows()} * slot_stride_
-                                   : range_bytes_;
+      const auto& P = parent_layers[l];
+      if (l > 0 && shares_ranges()) {
+        layer_rec L;
+        L.k = rec.layers[0].k;
+        L.v = rec.layers[0].v;
+        L.off = P.off;
+        L.layer = l;
+        L.table = P.table;
+        L.state = P.state;
+        L.seen = P.seen;
+        rec.layers.push_back(std::move(L));
+        continue;
+      }
+      const std::size_t used =
+          cfg_.order == layout::token_major
+              ? std::size_t{shares_ranges() ? top_rows : P.table.rows()} * slot_stride_
+              : range_bytes_;
       layer_rec L;
       auto k = memory_.fork(P.k, used);
       if (k) L.k = *k;
@@ -239,6 +353,31 @@ class cache {
         release_ranges(rec);
         return k ? v.error() : k.error();
       }
+      if (scale_bytes_) {
+        const std::size_t sused = cfg_.order == layout::token_major
+                                      ? std::size_t{P.table.rows()} * scale_slot_stride_
+                                      : scale_range_bytes_;
+        auto ks = memory_.fork(P.ks, sused);
+        if (ks) L.ks = *ks;
+        auto vs = ks ? memory_.fork(P.vs, sused) : result<range_id>(ks.error());
+        if (vs) L.vs = *vs;
+        if (!ks || !vs) {
+          rec.layers.push_back(std::move(L));
+          release_ranges(rec);
+          return ks ? vs.error() : ks.error();
+        }
+      }
+      if constexpr (quant_token_grouped<Quant>()) {
+        auto kr = memory_.fork(P.kr, residual_bytes_);
+        if (!kr) {
+          rec.layers.push_back(std::move(L));
+          release_ranges(rec);
+          return kr.error();
+        }
+        L.kr = *kr;
+        L.qend = P.qend;
+      }
+      L.layer = l;
       L.table = P.table;
       L.state = P.state;
       L.seen = P.seen;
@@ -251,6 +390,40 @@ class cache {
     return s.index < seqs_.size() && seqs_[s.index].open && seqs_[s.index].generation == s.generation;
   }
   [[nodiscard]] std::size_t sequences() const noexcept { return open_count_; }
+
+  //! True when the memory backend maps ahead on a background thread (`map_ahead` does work).
+  static constexpr bool maps_ahead = requires(Memory& m, std::span<const write_request> r) {
+    { m.map_ahead(r, std::size_t{}) } -> std::same_as<status>;
+    { m.sync() } -> std::same_as<status>;
+  };
+
+  //! vAttention's step_async: starts mapping, on the backend's background thread, the pages that
+  //! the next `steps` tokens of every layer of `seqs` will be written to, and returns at once.
+  //! Call it once per decode iteration before the step's compute; the next append waits for it
+  //! (usually long done) and finds its pages mapped. A mapping error surfaces at the next append
+  //! (or `sync`). `max_pages` (0: no cap) bounds the pages mapped per call: with `steps` of
+  //! about a page's worth of tokens it spreads the burst of a page crossing (every layer's
+  //! ranges at once) over several steps (see basic_vmm::map_ahead). vAttention's defaults: 10
+  //! steps, no cap. A no-op for backends without map ahead (heap).
+  status map_ahead(std::span<const seq_id> seqs, std::uint32_t steps = 10,
+                   std::size_t max_pages = 0) {
+    for (const auto& s : seqs) KVCACHE_TRY(check_seq(s, "map_ahead"));
+    if constexpr (maps_ahead) {
+      requests_.clear();
+      for (const auto& s : seqs)
+        for (const auto& L : seqs_[s.index].layers) ahead_requests(L, steps);
+      return memory_.map_ahead(requests_, max_pages);
+    } else {
+      (void)steps;
+      (void)max_pages;
+      return {};
+    }
+  }
+  //! Waits for the background mapping step; returns the error it met, if any.
+  status sync() {
+    if constexpr (maps_ahead) return memory_.sync();
+    else return {};
+  }
 
   // ---- tokens ----------------------------------------------------------------------------
 
@@ -278,6 +451,12 @@ class cache {
                     " but kv head " + std::to_string(h) + " has room for " +
                     std::to_string(L.table.room(h)) + " (max_tokens " +
                     std::to_string(cfg_.max_tokens) + "); evict() first or raise max_tokens"};
+    // Formats that cannot store NaN/Inf faithfully refuse them here, before anything changes.
+    const std::size_t elements = std::size_t{n} * H * cfg_.geo.head_dim;
+    if (status st = quant_validate(quant_, k.data, elements, k.type); !st)
+      return {st.code(), "append: k of layer " + std::to_string(layer) + ": " + st.message()};
+    if (status st = quant_validate(quant_, v.data, elements, v.type); !st)
+      return {st.code(), "append: v of layer " + std::to_string(layer) + ": " + st.message()};
 
     // Plan where every (token, head) goes, and the contiguous copies that puts them there.
     // Fast path: token-major with no holes and one frontier: one copy into consecutive rows.
@@ -287,29 +466,73 @@ class cache {
       const std::uint32_t f = L.table.frontier(0);
       for (std::uint32_t i = 0; i < n; ++i)
         std::fill_n(assign_.begin() + std::size_t{i} * H, H, f + i);
-      chunks_.assign(1, chunk{std::size_t{f} * slot_stride_, 0, std::size_t{n} * H});
+      if (!shares_ranges()) {
+        chunks_.assign(1, chunk{std::size_t{f} * slot_stride_, 0, std::size_t{n} * H});
+      } else {  // rows of one layer are a slot stride apart: a chunk per token
+        chunks_.clear();
+        for (std::uint32_t i = 0; i < n; ++i)
+          chunks_.push_back({(std::size_t{f} + i) * slot_stride_ + L.off, std::size_t{i} * H, H});
+      }
     } else {
       for (std::uint32_t i = 0; i < n; ++i)
         for (std::uint32_t h = 0; h < H; ++h) assign_[std::size_t{i} * H + h] = L.table.peek(h, i);
-      plan_chunks(n);
+      plan_chunks(n, L.off);
     }
     requests_.clear();
     for (const auto& c : chunks_) {
       const std::size_t end = c.dst + c.rows * code_bytes_;
       requests_.push_back({L.k, c.dst, end});
       requests_.push_back({L.v, c.dst, end});
+      if (scale_bytes_) {
+        const std::size_t sb = scale_offset(c.dst), se = sb + c.rows * scale_bytes_;
+        requests_.push_back({L.ks, sb, se});
+        requests_.push_back({L.vs, sb, se});
+      }
+    }
+    if constexpr (quant_token_grouped<Quant>()) {
+      // the residual window, and the key metadata of every group the append can complete
+      requests_.push_back({L.kr, 0, std::size_t{Quant::residual} * cfg_.geo.token_bytes()});
+      std::uint32_t top = 0;
+      for (std::uint32_t h = 0; h < H; ++h) top = std::max(top, L.table.frontier(h) + n);
+      const std::size_t groups = std::min<std::size_t>(top, cfg_.max_tokens) / Quant::group;
+      if (groups)
+        requests_.push_back(
+            {L.ks, 0, std::min(scale_range_bytes_, groups * H * Quant::key_meta_bytes(cfg_.geo))});
     }
     KVCACHE_TRY(memory_.prepare(requests_));  // the only step that can fail: nothing changed yet
 
     std::byte* kb = memory_.data(L.k);
     std::byte* vb = memory_.data(L.v);
+    std::byte* ksb = scale_bytes_ ? memory_.data(L.ks) : nullptr;
+    std::byte* vsb = scale_bytes_ ? memory_.data(L.vs) : nullptr;
     const std::size_t src_row = cfg_.geo.head_bytes();
     const auto* ks = static_cast<const std::byte*>(k.data);
     const auto* vs = static_cast<const std::byte*>(v.data);
-    for (const auto& c : chunks_) {
-      quant_.encode(ks + c.src * src_row, c.rows, cfg_.geo, kb + c.dst, nullptr);
-      quant_.encode(vs + c.src * src_row, c.rows, cfg_.geo, vb + c.dst, nullptr);
+    // formats with calibrated state (fp8 scales from the first append) see the whole append
+    quant_calibrate(quant_, k.data, n, cfg_.geo, quant_context{layer, kv_part::k, 0});
+    quant_calibrate(quant_, v.data, n, cfg_.geo, quant_context{layer, kv_part::v, 0});
+    // A batched path (one kernel launch for every chunk of K and V: cuda_passthrough) where
+    // the quantizer has one and there is no metadata to place.
+    constexpr bool batched = requires(Quant& q, const std::byte* p, std::span<const row_chunk> c,
+                                      const geometry& g, std::byte* b) {
+      q.encode_chunks(p, p, c, g, b, b);
+    };
+    if constexpr (batched && !quant_token_grouped<Quant>()) {
+      if (!scale_bytes_) {
+        quant_.encode_chunks(ks, vs, std::span<const row_chunk>(chunks_), cfg_.geo, kb, vb);
+        chunks_.clear();  // done: skip the per-chunk loop
+      }
     }
+    for (const auto& c : chunks_) {
+      const std::uint32_t h0 = head_of(c.dst);
+      const std::size_t so = scale_offset(c.dst);
+      if constexpr (!quant_token_grouped<Quant>())
+        quant_.encode(ks + c.src * src_row, c.rows, cfg_.geo, kb + c.dst, ksb ? ksb + so : nullptr,
+                      quant_context{layer, kv_part::k, h0});
+      quant_.encode(vs + c.src * src_row, c.rows, cfg_.geo, vb + c.dst, vsb ? vsb + so : nullptr,
+                    quant_context{layer, kv_part::v, h0});
+    }
+    if constexpr (quant_token_grouped<Quant>()) write_grouped_keys(L, ks, n);
     const std::int64_t first = L.seen;
     if (rows_path) {
       L.table.place_rows(n, static_cast<std::int32_t>(first));
@@ -322,6 +545,7 @@ class cache {
         }
     }
     L.seen += n;
+    if constexpr (quant_token_grouped<Quant>()) flush_key_groups(L);
     policy_.on_append(L.state, L.table, placement{assign_, H, n, first});
     return {};
   }
@@ -339,26 +563,40 @@ class cache {
     status st;
     ((st.ok() ? (st = check_signal(L, sigs)) : st), ...);
     KVCACHE_TRY(st);
-    ((st.ok() ? (st = policy_.observe(L.state, L.table, sigs)) : st), ...);
-    return st;
+    if constexpr (detail::has_joint_observe<Eviction, signals>::value) {
+      // One call with every signal (in the policy's order) and read access to the cached keys.
+      const key_reader_ctx ctx{make_view(L), &quant_,
+                               geometry{1, cfg_.geo.kv_heads, cfg_.geo.kv_heads, cfg_.geo.head_dim,
+                                        cfg_.geo.type}};
+      const key_reader keys{L.table.rows(), cfg_.geo.head_dim, &ctx, &read_keys};
+      return observe_joint(L, keys, signals{}, sigs...);
+    } else {
+      ((st.ok() ? (st = policy_.observe(L.state, L.table, sigs)) : st), ...);
+      return st;
+    }
   }
 
   //! Evicts, per head, until at most `budget(layer) - reserve` tokens remain (`reserve` makes
   //! room ahead of an append, StreamingLLM's evict_for_space).
+  //! Per-head budgets (set_budget(layer, per_head)) apply the same way. Policies with their own
+  //! rule (`target()`: H2O's ratio of the prompt, ScaleKV's per-scale table, SnapKV's one-shot
+  //! compression) choose each head's target given its budget; the cache evicts down to it.
   status evict(seq_id s, std::uint32_t layer, std::uint32_t reserve = 0) {
     KVCACHE_TRY(check_seq(s, "evict"));
     KVCACHE_TRY(check_layer(layer));
-    if (reserve > budget_[layer])
-      return {errc::invalid_argument, "evict: reserve " + std::to_string(reserve) +
-                                          " exceeds the budget " + std::to_string(budget_[layer])};
-    evict_layer(seqs_[s.index].layers[layer], budget_[layer] - reserve);
+    for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
+      if (reserve > budget(layer, h))
+        return {errc::invalid_argument, "evict: reserve " + std::to_string(reserve) +
+                                            " exceeds the budget " +
+                                            std::to_string(budget(layer, h)) + " of kv head " +
+                                            std::to_string(h)};
+    evict_layer(seqs_[s.index].layers[layer], layer, reserve);
     return {};
   }
   //! evict() on every layer.
   status evict(seq_id s) {
     KVCACHE_TRY(check_seq(s, "evict"));
-    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l)
-      evict_layer(seqs_[s.index].layers[l], budget_[l]);
+    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) evict_layer(seqs_[s.index].layers[l], l, 0);
     return {};
   }
 
@@ -379,8 +617,12 @@ class cache {
     b.cu_rows.push_back(0);
     for (const auto& s : seqs) {
       const auto& L = seqs_[s.index].layers[layer];
-      b.k.push_back(memory_.data(L.k));
-      b.v.push_back(memory_.data(L.v));
+      b.k.push_back(memory_.data(L.k) + L.off);
+      b.v.push_back(memory_.data(L.v) + L.off);
+      if (const auto [ksc, vsc] = scale_data(L); ksc) {
+        b.k_scales.push_back(ksc);
+        b.v_scales.push_back(vsc);
+      }
       b.rows.push_back(L.table.rows());
       b.positions.push_back(L.table.positions());
       b.cu_rows.push_back(b.cu_rows.back() + static_cast<std::int32_t>(L.table.rows()));
@@ -401,7 +643,9 @@ class cache {
         std::uint64_t below = 0;
         for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) below += L.table.frontier(h);
         st.bytes_used += below * per_entry;
-        st.bytes_backed += memory_.backed_bytes(L.k) + memory_.backed_bytes(L.v);
+        if (L.off == 0) st.bytes_backed += memory_.backed_bytes(L.k) + memory_.backed_bytes(L.v);
+        if (scale_bytes_) st.bytes_backed += memory_.backed_bytes(L.ks) + memory_.backed_bytes(L.vs);
+        if (L.kr != no_range) st.bytes_backed += memory_.backed_bytes(L.kr);
       }
     }
     st.bytes_live = st.entries_live * per_entry;
@@ -412,6 +656,12 @@ class cache {
   struct layer_rec {
     range_id k = no_range;
     range_id v = no_range;
+    range_id ks = no_range;  // out-of-band metadata of K and V (only when scale_bytes_ > 0)
+    range_id vs = no_range;
+    std::uint32_t layer = 0;  // index of this layer (shared per-layer scales)
+    std::size_t off = 0;      // byte offset of the layer in k and v (range_scope::per_sequence)
+    range_id kr = no_range;   // token-grouped keys: full-precision residual window
+    std::vector<std::uint32_t> qend;  // token-grouped keys: per head, slots below are quantized
     slot_table table;
     typename Eviction::state state{};
     std::int64_t seen = 0;
@@ -421,11 +671,11 @@ class cache {
     std::uint32_t generation = 0;
     bool open = false;
   };
-  struct chunk {
-    std::size_t dst;  // byte offset in the range
-    std::size_t src;  // index of the first (token, head) row in the input
-    std::size_t rows;
-  };
+  using chunk = row_chunk;
+
+  [[nodiscard]] bool shares_ranges() const noexcept {
+    return cfg_.ranges == range_scope::per_sequence;
+  }
 
   seq_id install(seq_rec&& rec) {
     rec.open = true;
@@ -443,14 +693,58 @@ class cache {
 
   void release_ranges(seq_rec& rec) {
     for (auto& L : rec.layers) {
+      if (L.off != 0) {  // a layer of shared ranges: layer 0 owns them
+        L.k = L.v = no_range;
+        continue;
+      }
       if (L.k != no_range) memory_.release(L.k);
       if (L.v != no_range) memory_.release(L.v);
-      L.k = L.v = no_range;
+      if (L.ks != no_range) memory_.release(L.ks);
+      if (L.vs != no_range) memory_.release(L.vs);
+      if (L.kr != no_range) memory_.release(L.kr);
+      L.k = L.v = L.ks = L.vs = L.kr = no_range;
+    }
+  }
+
+  // Bytes the next `steps` tokens of one layer may be written to: the rows above each head's
+  // frontier (holes are below it, hence mapped already).
+  void ahead_requests(const layer_rec& L, std::uint32_t steps) {
+    const auto rows_end = [&](std::uint32_t frontier) {
+      return std::min<std::size_t>(std::size_t{frontier} + steps, cfg_.max_tokens);
+    };
+    auto add = [&](std::size_t begin, std::size_t end) {
+      if (begin >= end) return;
+      requests_.push_back({L.k, begin, end});
+      requests_.push_back({L.v, begin, end});
+      if (scale_bytes_) {  // per-row metadata, laid out like the codes
+        if (!quant_token_grouped<Quant>())
+          requests_.push_back({L.ks, scale_offset(begin), scale_offset(end)});
+        requests_.push_back({L.vs, scale_offset(begin), scale_offset(end)});
+      }
+    };
+    if constexpr (quant_token_grouped<Quant>()) {  // KIVI: the key metadata of the next groups
+      const std::size_t groups = rows_end(L.table.rows()) / Quant::group;
+      if (groups)
+        requests_.push_back({L.ks, 0,
+                             std::min(scale_range_bytes_,
+                                      groups * cfg_.geo.kv_heads * Quant::key_meta_bytes(cfg_.geo))});
+    }
+    if (cfg_.order == layout::token_major) {
+      // a layer's row is layer_stride_ bytes at slot * slot_stride_ + off (the same when ranges
+      // are per layer: off 0, layer_stride_ == slot_stride_)
+      const std::size_t r0 = L.table.rows(), r1 = rows_end(L.table.rows());
+      if (r1 > r0) add(r0 * slot_stride_ + L.off, (r1 - 1) * slot_stride_ + L.off + layer_stride_);
+    } else {
+      for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+        const std::size_t base = h * head_stride_;
+        add(base + std::size_t{L.table.frontier(h)} * code_bytes_,
+            base + rows_end(L.table.frontier(h)) * code_bytes_);
+      }
     }
   }
 
   // Contiguous copies for the planned assignment, merged where both sides are contiguous.
-  void plan_chunks(std::uint32_t n) {
+  void plan_chunks(std::uint32_t n, std::size_t off) {
     chunks_.clear();
     const std::uint32_t H = cfg_.geo.kv_heads;
     auto add = [&](std::size_t dst, std::size_t src, std::size_t rows) {
@@ -468,20 +762,24 @@ class cache {
       bool same = cfg_.order == layout::token_major;
       for (std::uint32_t h = 1; same && h < H; ++h) same = a[h] == a[0];
       if (same) {
-        add(std::size_t{a[0]} * slot_stride_, std::size_t{i} * H, H);  // whole slot row
+        add(std::size_t{a[0]} * slot_stride_ + off, std::size_t{i} * H, H);  // whole slot row
         continue;
       }
       for (std::uint32_t h = 0; h < H; ++h)
-        add(std::size_t{a[h]} * slot_stride_ + h * head_stride_, std::size_t{i} * H + h, 1);
+        add(std::size_t{a[h]} * slot_stride_ + h * head_stride_ + off, std::size_t{i} * H + h, 1);
     }
   }
 
-  void evict_layer(layer_rec& L, std::uint32_t target) {
+  void evict_layer(layer_rec& L, std::uint32_t layer, std::uint32_t reserve) {
     if constexpr (detail::never_evicts<Eviction>::value) {
       (void)L;
-      (void)target;
+      (void)layer;
+      (void)reserve;
     } else {
       for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+        std::uint32_t target = budget(layer, h);
+        if constexpr (detail::has_target<Eviction>) target = policy_.target(L.state, L.table, h, target);
+        target = target > reserve ? target - reserve : 0;
         const std::uint32_t live = L.table.live(h);
         if (live <= target) continue;
         victims_.clear();
@@ -502,13 +800,112 @@ class cache {
     v.order = cfg_.order;
     v.kv_heads = cfg_.geo.kv_heads;
     v.head_dim = cfg_.geo.head_dim;
+    v.format = Quant::name();
+    v.bits = quant_bits<Quant>();
+    v.group = quant_group<Quant>();
+    if (scale_bytes_) {
+      v.scale_bytes = scale_bytes_;
+      v.scale_slot_stride = scale_slot_stride_;
+      v.scale_head_stride = scale_head_stride_;
+    } else {
+      v.scale_head_stride = quant_shared_scale_head_stride(quant_);  // slot stride 0: shared
+    }
+  }
+
+  // Metadata of K and V of one layer: the per-row range, or the quantizer's shared scales.
+  std::pair<const std::byte*, const std::byte*> scale_data(const layer_rec& L) const {
+    if (scale_bytes_) return {memory_.data(L.ks), memory_.data(L.vs)};
+    return {reinterpret_cast<const std::byte*>(quant_shared_scales(quant_, L.layer, kv_part::k)),
+            reinterpret_cast<const std::byte*>(quant_shared_scales(quant_, L.layer, kv_part::v))};
+  }
+  // Where the metadata of the row at code offset `dst` lives, and that row's KV head.
+  [[nodiscard]] std::size_t scale_offset(std::size_t dst) const noexcept {
+    if (!scale_bytes_) return 0;
+    if (cfg_.order == layout::token_major) return dst / code_bytes_ * scale_bytes_;
+    return dst / head_stride_ * scale_head_stride_ + dst % head_stride_ / code_bytes_ * scale_bytes_;
+  }
+  [[nodiscard]] std::uint32_t head_of(std::size_t dst) const noexcept {
+    return static_cast<std::uint32_t>(cfg_.order == layout::token_major
+                                          ? dst / code_bytes_ % cfg_.geo.kv_heads
+                                          : dst / head_stride_);
+  }
+
+  // Token-grouped keys (KIVI), token_major: a key whose slot is in the residual window is stored
+  // at full precision there; a key refilling a slot of a quantized group requantizes the group.
+  void write_grouped_keys(layer_rec& L, const std::byte* src, std::uint32_t n) {
+    if constexpr (quant_token_grouped<Quant>()) {
+      const std::uint32_t H = cfg_.geo.kv_heads, G = Quant::group, R = Quant::residual;
+      const std::size_t hb = cfg_.geo.head_bytes(), D = cfg_.geo.head_dim;
+      std::byte* res = memory_.data(L.kr);
+      std::byte* kb = memory_.data(L.k);
+      std::byte* meta = memory_.data(L.ks);
+      for (std::uint32_t i = 0; i < n; ++i)
+        for (std::uint32_t h = 0; h < H; ++h) {
+          const std::uint32_t s = assign_[std::size_t{i} * H + h];
+          const std::byte* row = src + (std::size_t{i} * H + h) * hb;
+          // an append crossing windows: the window below is full, quantize it before reusing
+          // its residual rows
+          while (s >= L.qend[h] + R) flush_window(L, h);
+          if (s >= L.qend[h]) {
+            std::memcpy(res + (std::size_t{s % R} * H + h) * hb, row, hb);
+            continue;
+          }
+          const std::uint32_t g = s / G;
+          std::byte* codes = kb + std::size_t{g} * G * slot_stride_ + h * head_stride_;
+          std::byte* m = meta + (std::size_t{g} * H + h) * Quant::key_meta_bytes(cfg_.geo);
+          key_group_.resize(std::size_t{G} * D);
+          quant_.decode_key_group(codes, slot_stride_, G, cfg_.geo, m, key_group_.data());
+          detail::load_row(row, 0, D, cfg_.geo.type, key_group_.data() + std::size_t{s - g * G} * D);
+          quant_.encode_key_group(key_group_.data(), cfg_.geo, codes, slot_stride_, m);
+        }
+    } else {
+      (void)L, (void)src, (void)n;
+    }
+  }
+  // Quantizes, per head, each residual window whose slots have all been filled.
+  void flush_key_groups(layer_rec& L) {
+    if constexpr (quant_token_grouped<Quant>()) {
+      for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
+        while (L.table.frontier(h) >= L.qend[h] + Quant::residual) flush_window(L, h);
+    } else {
+      (void)L;
+    }
+  }
+  // Quantizes the residual window [qend, qend + R) of head h per channel, group by group.
+  void flush_window(layer_rec& L, std::uint32_t h) {
+    if constexpr (quant_token_grouped<Quant>()) {
+      const std::uint32_t H = cfg_.geo.kv_heads, G = Quant::group, R = Quant::residual;
+      const std::size_t hb = cfg_.geo.head_bytes(), D = cfg_.geo.head_dim;
+      const std::byte* res = memory_.data(L.kr);
+      std::byte* kb = memory_.data(L.k);
+      std::byte* meta = memory_.data(L.ks);
+      key_group_.resize(std::size_t{G} * D);
+      for (std::uint32_t g = L.qend[h] / G; g < (L.qend[h] + R) / G; ++g) {
+        for (std::uint32_t j = 0; j < G; ++j)
+          detail::load_row(res + (std::size_t{(g * G + j) % R} * H + h) * hb, 0, D, cfg_.geo.type,
+                           key_group_.data() + std::size_t{j} * D);
+        quant_.encode_key_group(key_group_.data(), cfg_.geo,
+                                kb + std::size_t{g} * G * slot_stride_ + h * head_stride_,
+                                slot_stride_,
+                                meta + (std::size_t{g} * H + h) * Quant::key_meta_bytes(cfg_.geo));
+      }
+      L.qend[h] += R;
+    } else {
+      (void)L, (void)h;
+    }
   }
 
   layer_view make_view(const layer_rec& L) const {
     layer_view v;
     fill_format(v);
-    v.k = memory_.data(L.k);
-    v.v = memory_.data(L.v);
+    v.k = memory_.data(L.k) + L.off;
+    v.v = memory_.data(L.v) + L.off;
+    std::tie(v.k_scales, v.v_scales) = scale_data(L);
+    if constexpr (quant_token_grouped<Quant>()) {
+      v.k_residual = memory_.data(L.kr);
+      v.k_quantized = L.qend.data();
+      v.residual = Quant::residual;
+    }
     v.rows = L.table.rows();
     v.positions = L.table.positions();
     v.live = L.table.live_data();
@@ -568,6 +965,34 @@ class cache {
     if (q.queries == 0 || !q.data) return {errc::invalid_argument, "observe: no queries given"};
     return {};
   }
+  status check_signal(const layer_rec& L, const attention_sum_signal& a) const {
+    if (a.query_heads != cfg_.geo.query_heads || a.slots != L.table.rows())
+      return {errc::shape_mismatch,
+              "observe: attention sums are [" + std::to_string(a.query_heads) + "][" +
+                  std::to_string(a.slots) + "], expected [" + std::to_string(cfg_.geo.query_heads) +
+                  "][" + std::to_string(L.table.rows()) + " slots of the current view]"};
+    if (!a.sums) return {errc::invalid_argument, "observe: attention sums are null"};
+    return {};
+  }
+
+  // Key access for policies that score queries against the cached keys (key_reader).
+  struct key_reader_ctx {
+    layer_view view;
+    const Quant* quant;
+    geometry one_head;  // decode() works on rows of one head
+  };
+  static void read_keys(const void* p, std::uint32_t head, std::uint32_t first, std::uint32_t count,
+                        float* out) {
+    const auto& c = *static_cast<const key_reader_ctx*>(p);
+    const std::size_t D = c.one_head.head_dim;
+    for (std::uint32_t i = 0; i < count; ++i)  // any format, KIVI's grouped keys included
+      decode_key(c.view, *c.quant, first + i, head, out + i * D);
+  }
+  template <class... Needed, class... S>
+  status observe_joint(layer_rec& L, const key_reader& keys, signal_list<Needed...>,
+                       const S&... sigs) {
+    return policy_.observe(L.state, L.table, keys, detail::pick_signal<Needed>(sigs...)...);
+  }
   template <class Sig>
   status check_signal(const layer_rec& L, const Sig& sig) const {
     // token-wise signals describe the tokens of the last append
@@ -583,10 +1008,18 @@ class cache {
   [[no_unique_address]] Eviction policy_;
   [[no_unique_address]] Quant quant_;
   std::size_t code_bytes_ = 0;
+  std::size_t scale_bytes_ = 0;  // out-of-band metadata per row (0: none, or held by the quantizer)
+  std::size_t scale_slot_stride_ = 0;
+  std::size_t scale_head_stride_ = 0;
+  std::size_t scale_range_bytes_ = 0;
+  std::size_t residual_bytes_ = 0;  // token-grouped keys: the residual window's range
+  std::vector<float> key_group_;    // scratch: one key group in fp32
+  std::size_t layer_stride_ = 0;  // bytes of one layer in a slot row (token_major)
   std::size_t slot_stride_ = 0;
   std::size_t head_stride_ = 0;
   std::size_t range_bytes_ = 0;
   std::vector<std::uint32_t> budget_;
+  std::vector<std::uint32_t> head_budget_;  // [layer][kv_head], 0 = the layer's; empty = none set
   std::vector<seq_rec> seqs_;
   std::vector<std::uint32_t> free_seqs_;
   std::size_t open_count_ = 0;

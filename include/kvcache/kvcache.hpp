@@ -7,6 +7,7 @@
 #include <kvcache/config.hpp>
 #include <kvcache/version.hpp>
 
+#include <kvcache/core/chunk.hpp>
 #include <kvcache/core/dtype.hpp>
 #include <kvcache/core/error.hpp>
 #include <kvcache/core/geometry.hpp>
@@ -18,11 +19,23 @@
 #include <kvcache/memory/heap.hpp>
 #include <kvcache/memory/host_pages.hpp>
 #include <kvcache/memory/host_vmm.hpp>
+#include <kvcache/memory/page_bookkeeping.hpp>
+#include <kvcache/memory/vmm.hpp>
 
+#include <kvcache/evict/budget.hpp>
+#include <kvcache/evict/heavy_hitter.hpp>
 #include <kvcache/evict/keep_all.hpp>
 #include <kvcache/evict/policy.hpp>
+#include <kvcache/evict/scale_aware.hpp>
+#include <kvcache/evict/score.hpp>
 #include <kvcache/evict/sink_window.hpp>
+#include <kvcache/evict/snapkv.hpp>
 
+#include <kvcache/quant/bitpack.hpp>
+#include <kvcache/quant/dense.hpp>
+#include <kvcache/quant/fp8_e4m3.hpp>
+#include <kvcache/quant/ggml_blocks.hpp>
+#include <kvcache/quant/kivi.hpp>
 #include <kvcache/quant/passthrough.hpp>
 #include <kvcache/quant/quantizer.hpp>
 

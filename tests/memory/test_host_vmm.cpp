@@ -607,3 +607,155 @@ TEST_CASE("host_vmm: a moved backend keeps its ranges and bytes", "[memory][host
   REQUIRE(prep(moved, a, 2 * ps, 3 * ps).ok());
   CHECK(moved.backed_bytes(a) == 3 * ps);
 }
+
+// ---- map ahead (vAttention's step_async) ---------------------------------------------------
+
+TEST_CASE("host_vmm: map_ahead maps the next pages in the background; prepare then maps nothing",
+          "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(16);
+  const range_id r = acquire(m, 8 * ps);
+  REQUIRE(prep(m, r, 0, 10).ok());  // page 0
+  const write_request ahead{r, 10, 3 * ps + 1};  // pages 0..3: 1..3 missing
+  REQUIRE(m.map_ahead({&ahead, 1}).ok());
+  REQUIRE(m.sync().ok());
+  const auto s = m.stats();
+  CHECK(s.pages_mapped == 4);
+  CHECK(s.pages_mapped_ahead == 3);
+  CHECK(s.ahead_skipped == 0);
+  CHECK(m.backed_bytes(r) == 4 * ps);
+  fill(m.data(r), 4 * ps, 7);  // the pages are usable
+  CHECK(holds(m.data(r), 4 * ps, 7));
+  const auto before = m.stats();
+  REQUIRE(prep(m, r, 0, 4 * ps).ok());
+  CHECK(stats_diff(before, m.stats()).empty());  // already mapped: no call
+}
+
+TEST_CASE("host_vmm: every call waits for the background step", "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(64);
+  const range_id a = acquire(m, 32 * ps);
+  for (int round = 0; round < 20; ++round) {
+    const write_request q{a, 0, std::size_t(round + 1) * ps};
+    REQUIRE(m.map_ahead({&q, 1}).ok());
+    // No sync(): each call below must see the step finished, never half done.
+    CHECK(m.backed_bytes(a) == std::size_t(round + 1) * ps);
+    CHECK(m.stats().pages_mapped == std::size_t(round + 1));
+  }
+  // acquire/fork/release/prepare after a step in flight
+  const write_request q{a, 0, 24 * ps};
+  REQUIRE(m.map_ahead({&q, 1}).ok());
+  auto c = m.fork(a, 24 * ps);
+  REQUIRE(c.ok());
+  CHECK(m.page_at(*c, 23) == m.page_at(a, 23));
+  REQUIRE(m.map_ahead({&q, 1}).ok());  // nothing missing: no job at all
+  m.release(*c);
+  const write_request q2{a, 24 * ps, 26 * ps};
+  REQUIRE(m.map_ahead({&q2, 1}).ok());
+  REQUIRE(prep(m, a, 0, 26 * ps).ok());
+  CHECK(m.stats().pages_mapped == 26);
+}
+
+TEST_CASE("host_vmm: map_ahead refuses bad requests and changes nothing",
+          "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(8);
+  const range_id r = acquire(m, 4 * ps);
+  const auto before = m.stats();
+  const write_request beyond{r, 0, 5 * ps};
+  status st = m.map_ahead({&beyond, 1});
+  CHECK(st.code() == errc::capacity_exceeded);
+  CHECK(st.message().find("map_ahead") != std::string::npos);
+  const write_request unknown{r + 7, 0, ps};
+  CHECK(m.map_ahead({&unknown, 1}).code() == errc::invalid_argument);
+  m.release(r);
+  const write_request idle{r, 0, ps};
+  CHECK(m.map_ahead({&idle, 1}).code() == errc::invalid_argument);
+  CHECK(m.sync().ok());
+  auto expected = before;
+  expected.ranges_active = 0;
+  expected.ranges_idle = 1;
+  CHECK(stats_diff(expected, m.stats()).empty());
+}
+
+TEST_CASE("host_vmm: map_ahead is best effort when the pool runs short",
+          "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(4);
+  const range_id a = acquire(m, 8 * ps);
+  const range_id b = acquire(m, 8 * ps);
+  REQUIRE(prep(m, a, 0, 2 * ps).ok());
+  const write_request qs[] = {{a, 0, 6 * ps}, {b, 0, ps}};  // a needs 4 more: skipped; b fits
+  REQUIRE(m.map_ahead(qs).ok());
+  REQUIRE(m.sync().ok());  // not an error: speculative
+  const auto s = m.stats();
+  CHECK(s.ahead_skipped == 4);
+  CHECK(s.pages_mapped_ahead == 1);
+  CHECK(m.backed_bytes(a) == 2 * ps);
+  CHECK(m.backed_bytes(b) == ps);
+  // the synchronous path still reports exhaustion, all or nothing
+  CHECK(prep(m, a, 0, 4 * ps).code() == errc::out_of_pages);
+  CHECK(prep(m, a, 0, 3 * ps).ok());
+}
+
+TEST_CASE("host_vmm: map_ahead reclaims idle pages, and leaves shared pages to prepare",
+          "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(6);
+  const range_id old = acquire(m, 4 * ps);
+  REQUIRE(prep(m, old, 0, 4 * ps).ok());
+  m.release(old);  // 4 pages idle
+  const range_id a = acquire(m, 4 * ps, ps);  // reuses `old` with its 4 pages (best fit)
+  CHECK(a == old);
+  const range_id b = acquire(m, 4 * ps);
+  const write_request q{b, 0, 4 * ps};
+  REQUIRE(m.map_ahead({&q, 1}).ok());  // 2 free, 0 idle: skipped
+  REQUIRE(m.sync().ok());
+  CHECK(m.stats().ahead_skipped == 4);
+  m.release(a);  // 4 idle pages again
+  REQUIRE(m.map_ahead({&q, 1}).ok());
+  REQUIRE(m.sync().ok());
+  CHECK(m.backed_bytes(b) == 4 * ps);
+  CHECK(m.stats().pages_reclaimed == 2);
+
+  // a fork shares b's pages; map ahead over them copies nothing
+  auto c = m.fork(b, 4 * ps);
+  REQUIRE(c.ok());
+  const auto before = m.stats();
+  const write_request qc{*c, 0, 2 * ps};
+  REQUIRE(m.map_ahead({&qc, 1}).ok());
+  REQUIRE(m.sync().ok());
+  CHECK(stats_diff(before, m.stats()).empty());
+  CHECK(m.page_at(*c, 0) == m.page_at(b, 0));
+}
+
+TEST_CASE("host_vmm: destroying or moving a backend with a step in flight waits for it",
+          "[memory][host_vmm][map_ahead]") {
+  for (int round = 0; round < 10; ++round) {
+    host_vmm m = make_vmm(64);
+    const range_id r = acquire(m, 64 * ps);
+    const write_request q{r, 0, 64 * ps};
+    REQUIRE(m.map_ahead({&q, 1}).ok());
+    if (round % 2) {
+      host_vmm moved(std::move(m));
+      CHECK(moved.backed_bytes(r) == 64 * ps);
+      fill(moved.data(r), 64 * ps, 3);
+      CHECK(holds(moved.data(r), 64 * ps, 3));
+    }
+  }  // destruction with or without the step done: no crash, no leak (ASan)
+}
+
+TEST_CASE("host_vmm: map_ahead with a page cap maps the first pages, the rest on later calls",
+          "[memory][host_vmm][map_ahead]") {
+  host_vmm m = make_vmm(16);
+  const range_id a = acquire(m, 4 * ps), b = acquire(m, 4 * ps);
+  const write_request qs[] = {{a, 0, 4 * ps}, {b, 0, 4 * ps}};
+  REQUIRE(m.map_ahead(qs, 3).ok());
+  REQUIRE(m.sync().ok());
+  CHECK(m.backed_bytes(a) == 3 * ps);  // request order: a's first three pages
+  CHECK(m.backed_bytes(b) == 0);
+  REQUIRE(m.map_ahead(qs, 3).ok());
+  REQUIRE(m.sync().ok());
+  CHECK(m.backed_bytes(a) == 4 * ps);
+  CHECK(m.backed_bytes(b) == 2 * ps);
+  REQUIRE(m.map_ahead(qs, 0).ok());  // no cap
+  REQUIRE(m.sync().ok());
+  CHECK(m.backed_bytes(b) == 4 * ps);
+  CHECK(m.stats().pages_mapped_ahead == 8);
+  CHECK(m.stats().ahead_skipped == 0);
+}

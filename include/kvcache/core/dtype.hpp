@@ -11,6 +11,14 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__F16C__) && !defined(__CUDA_ARCH__) && !defined(KVCACHE_NO_SIMD)
+#  include <immintrin.h>
+#  define KVCACHE_DTYPE_F16C 1
+#elif defined(__SSE2__) && !defined(__CUDA_ARCH__) && !defined(KVCACHE_NO_SIMD)
+#  include <emmintrin.h>
+#  define KVCACHE_DTYPE_SSE2 1
+#endif
+
 KVCACHE_NAMESPACE_BEGIN
 
 namespace detail {
@@ -53,28 +61,25 @@ KVCACHE_HOST_DEVICE float half_to_float(std::uint16_t h) noexcept {
   return detail::bit_cast<float>(bits | sign);
 }
 
-//! binary32 -> binary16, round to nearest even; overflow to inf, NaN stays NaN.
+//! binary32 -> binary16, round to nearest even; overflow to inf, NaN stays NaN (quiet, payload
+//! dropped). Branch-free (the cases are merged with selects) so loops over it vectorize:
+//! normals round the mantissa to 10 bits (ties to even) and rebias the exponent; subnormals are
+//! rounded by adding 0.5f (the magic number that puts 2^-24 at the last mantissa bit).
 KVCACHE_HOST_DEVICE std::uint16_t float_to_half(float f) noexcept {
   const std::uint32_t x = detail::bit_cast<std::uint32_t>(f);
-  const std::uint16_t sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
   const std::uint32_t abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u)  // inf or NaN
-    return static_cast<std::uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
-  if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to inf
-  if (abs < 0x38800000u) {  // subnormal or zero in half
-    if (abs < 0x33000000u) return sign;  // below half of the smallest subnormal
-    const std::uint32_t e = abs >> 23;
-    const std::uint32_t m = (abs & 0x7fffffu) | 0x800000u;
-    const std::uint32_t shift = 126 - e;  // 14 - (e - 127) + 10 - 23 + 23
-    std::uint32_t q = m >> shift;
-    const std::uint32_t rem = m & ((1u << shift) - 1);
-    const std::uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return static_cast<std::uint16_t>(sign | q);
-  }
-  std::uint32_t r = abs + 0xfffu + ((abs >> 13) & 1u);  // round mantissa to 10 bits, ties to even
-  r -= (127 - 15) << 23;
-  return static_cast<std::uint16_t>(sign | (r >> 13));
+  const auto a = static_cast<std::int32_t>(abs);  // < 2^31: signed compares are exact
+  const auto norm = static_cast<std::int32_t>((abs + 0xfffu + ((abs >> 13) & 1u) - (112u << 23)) >> 13);
+  const std::int32_t sub =
+      detail::bit_cast<std::int32_t>(detail::bit_cast<float>(abs) + 0.5f) - 0x3f000000;
+  // masks, not ?: (which g++ turns into branches here)
+  const std::int32_t is_sub = -static_cast<std::int32_t>(a < 0x38800000);  // below 2^-14
+  const std::int32_t is_inf = -static_cast<std::int32_t>(a >= 0x477ff000);  // rounds to inf, inf, NaN
+  const std::int32_t is_nan = -static_cast<std::int32_t>(a > 0x7f800000);
+  std::int32_t r = (sub & is_sub) | (norm & ~is_sub);
+  r = (r & ~is_inf) | (0x7c00 & is_inf);
+  r |= 0x200 & is_nan;
+  return static_cast<std::uint16_t>(static_cast<std::uint32_t>(r) | ((x >> 16) & 0x8000u));
 }
 
 //! bfloat16 -> binary32 (exact).
@@ -129,5 +134,46 @@ inline void store_from_float(void* base, std::size_t i, dtype t, float f) noexce
     }
   }
 }
+
+namespace detail {
+//! True where halves_to_floats has a SIMD path (F16C's vcvtph2ps, else SSE2): callers use it for
+//! f16 input instead of a scalar-per-element loop.
+#if defined(KVCACHE_DTYPE_F16C) || defined(KVCACHE_DTYPE_SSE2)
+inline constexpr bool simd_halves = true;
+#else
+inline constexpr bool simd_halves = false;
+#endif
+//! n fp16 values (raw bits, any alignment) at src to fp32, as half_to_float. With F16C:
+//! vcvtph2ps (it differs only in quieting a signalling NaN); with SSE2: half_to_float's bit math
+//! (the exponent rebased by a multiply by 2^112, inf/NaN by a mask), 8 values per step.
+inline void halves_to_floats(const void* src, std::size_t n, float* dst) noexcept {
+  const auto* p = static_cast<const unsigned char*>(src);
+  std::size_t i = 0;
+#if defined(KVCACHE_DTYPE_F16C)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))));
+#elif defined(KVCACHE_DTYPE_SSE2)
+  const __m128i zero = _mm_setzero_si128(), emm = _mm_set1_epi32(0x7fff), lim = _mm_set1_epi32(0x7bff),
+                inf = _mm_set1_epi32(0x7f800000);
+  const __m128 mul = _mm_set1_ps(0x1p112f);
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i));
+    for (int k = 0; k < 2; ++k) {
+      const __m128i u = k ? _mm_unpackhi_epi16(h, zero) : _mm_unpacklo_epi16(h, zero);
+      const __m128i em = _mm_and_si128(u, emm);
+      const __m128i sign = _mm_slli_epi32(_mm_xor_si128(u, em), 16);
+      __m128i b = _mm_castps_si128(_mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(em, 13)), mul));
+      b = _mm_or_si128(b, _mm_and_si128(_mm_cmpgt_epi32(em, lim), inf));  // inf/NaN: payload kept
+      _mm_storeu_ps(dst + i + 4 * k, _mm_castsi128_ps(_mm_or_si128(b, sign)));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    std::uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    dst[i] = half_to_float(h);
+  }
+}
+}  // namespace detail
 
 KVCACHE_NAMESPACE_END

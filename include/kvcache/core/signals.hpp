@@ -24,7 +24,18 @@ struct attention_signal {
   std::uint32_t slots = 0;
 };
 
-//! The step's queries (after RoPE): `[queries][query_heads][head_dim]` in `type`.
+//! Per-key sums of the step's attention probabilities, `[query_heads][slots]` fp32: what a fused
+//! kernel (FlashAttention) can emit as column sums instead of the whole matrix. Same slot order as
+//! attention_signal (the layer's current view, empty slots 0).
+struct attention_sum_signal {
+  const float* sums = nullptr;
+  std::uint32_t query_heads = 0;
+  std::uint32_t slots = 0;
+};
+
+//! The step's queries (after RoPE): `[queries][query_heads][head_dim]` in `type`. They are the
+//! queries of the last `queries` tokens appended to the layer (positions next - queries .. next - 1),
+//! so policies that score them against the cached keys mask causally by position.
 struct query_signal {
   const void* data = nullptr;
   dtype type = dtype::f32;
@@ -45,10 +56,13 @@ struct boundary_signal {
   std::uint32_t tokens = 0;
 };
 
-//! Scale index (visual autoregressive models) of each token just appended.
+//! Scale index (visual autoregressive models) of each token just appended. `grid_h` x `grid_w` is
+//! the token map of the newest scale (row-major, the scale's tokens in that order); 0 = unknown.
 struct scale_signal {
   const std::uint32_t* ids = nullptr;
   std::uint32_t tokens = 0;
+  std::uint32_t grid_h = 0;
+  std::uint32_t grid_w = 0;
 };
 
 //! A compile-time set of signal types.
@@ -61,7 +75,8 @@ struct signal_list {
 
 template <class T>
 inline constexpr bool is_signal =
-    std::is_same_v<T, attention_signal> || std::is_same_v<T, query_signal> ||
+    std::is_same_v<T, attention_signal> || std::is_same_v<T, attention_sum_signal> ||
+    std::is_same_v<T, query_signal> ||
     std::is_same_v<T, key_signal> || std::is_same_v<T, boundary_signal> ||
     std::is_same_v<T, scale_signal>;
 

@@ -24,11 +24,46 @@ struct layer_view {
   std::size_t slot_stride = 0;
   std::size_t head_stride = 0;
   std::size_t row_bytes = 0;  //!< bytes of one (slot, head) row of codes
-  //! Out-of-band quantization metadata, `scale_bytes` per (slot, head) at
-  //! `[slot][kv_head]`; null when the format has none.
+  //! Out-of-band quantization metadata of (slot s, head h) at
+  //! `k_scales + s*scale_slot_stride + h*scale_head_stride` (`k_scale(s, h)`); null when the
+  //! format has none. Per-row formats (KIVI groups: `[groups]` fp16 scales then `[groups]` fp16
+  //! zeros) lay it out like the codes, `scale_bytes` per row, in a range of its own. Formats with
+  //! one fp32 scale per layer (fp8 per layer) have both strides 0; per KV head (fp8 per head), a
+  //! slot stride of 0 and a head stride of 4. llama.cpp blocks keep their fp16 scale in band.
   const std::byte* k_scales = nullptr;
   const std::byte* v_scales = nullptr;
-  std::size_t scale_bytes = 0;
+  std::size_t scale_bytes = 0;        //!< bytes of metadata per (slot, head) row; 0 when shared
+  std::size_t scale_slot_stride = 0;
+  std::size_t scale_head_stride = 0;
+
+  //! The storage format, for kernels that dequantize in registers: the quantizer's name()
+  //! ("none", "fp8_e4m3", "q8_0", "q4_0", "kivi_per_token"), its code width in bits (0: the
+  //! engine's element type is stored as is) and its group of values sharing a scale along
+  //! head_dim (32 for llama.cpp blocks and KIVI groups; 0 when the scale is not per group: fp8
+  //! (per layer or per head), none).
+  const char* format = "none";
+  std::uint32_t bits = 0;
+  std::uint32_t group = 0;
+
+  //! Token-grouped keys (KIVI, token_major only): keys of slots >= k_quantized[h] are at full
+  //! precision (`type`) in the residual window, row (slot % residual, head) at
+  //! `k_residual + ((slot % residual) * kv_heads + head) * head_dim * size_of(type)`; keys below
+  //! are codes in k_row() with per-(group, head) metadata at k_group_meta(). Null/0 otherwise.
+  const std::byte* k_residual = nullptr;
+  const std::uint32_t* k_quantized = nullptr;  //!< `[kv_heads]` slots below are quantized
+  std::uint32_t residual = 0;
+
+  //! True when the key of (slot, head) is in the full-precision residual window.
+  [[nodiscard]] bool k_in_residual(std::uint32_t slot, std::uint32_t head) const noexcept {
+    return k_residual && slot >= k_quantized[head];
+  }
+  [[nodiscard]] const std::byte* k_residual_row(std::uint32_t slot, std::uint32_t head) const noexcept {
+    return k_residual + (std::size_t{slot % residual} * kv_heads + head) * head_dim * size_of(type);
+  }
+  //! Key metadata of (group, head) for token-grouped keys: `[head_dim]` fp16 scales, then zeros.
+  [[nodiscard]] const std::byte* k_group_meta(std::uint32_t grp, std::uint32_t head) const noexcept {
+    return k_scales + (std::size_t{grp} * kv_heads + head) * 4 * head_dim;
+  }
 
   dtype type = dtype::f16;  //!< element type the engine appends (and what passthrough stores)
   layout order = layout::token_major;
@@ -54,10 +89,10 @@ struct layer_view {
     return v + offset(slot, head);
   }
   [[nodiscard]] const std::byte* k_scale(std::uint32_t slot, std::uint32_t head) const noexcept {
-    return k_scales ? k_scales + (std::size_t{slot} * kv_heads + head) * scale_bytes : nullptr;
+    return k_scales ? k_scales + slot * scale_slot_stride + head * scale_head_stride : nullptr;
   }
   [[nodiscard]] const std::byte* v_scale(std::uint32_t slot, std::uint32_t head) const noexcept {
-    return v_scales ? v_scales + (std::size_t{slot} * kv_heads + head) * scale_bytes : nullptr;
+    return v_scales ? v_scales + slot * scale_slot_stride + head * scale_head_stride : nullptr;
   }
 };
 
@@ -69,6 +104,16 @@ struct batch_view {
   std::vector<std::uint32_t> rows;                //!< per sequence: slots in use
   std::vector<const std::int32_t*> positions;    //!< per sequence: `[rows][kv_heads]`
   std::vector<std::int32_t> cu_rows;              //!< prefix sums of rows (size n+1), varlen style
+  //! Per sequence: out-of-band metadata (see layer_view::k_scales); empty when the format has
+  //! none. Strides and sizes are common to all entries.
+  std::vector<const std::byte*> k_scales;
+  std::vector<const std::byte*> v_scales;
+  std::size_t scale_bytes = 0;
+  std::size_t scale_slot_stride = 0;
+  std::size_t scale_head_stride = 0;
+  const char* format = "none";
+  std::uint32_t bits = 0;
+  std::uint32_t group = 0;
   std::size_t slot_stride = 0;
   std::size_t head_stride = 0;
   std::size_t row_bytes = 0;

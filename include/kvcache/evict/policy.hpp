@@ -11,6 +11,18 @@
 //! - `status observe(state&, const slot_table&, const Signal&)` for each Signal in `signals`;
 //! - `void select(state&, const slot_table&, uint32_t head, uint32_t count, std::vector<uint32_t>&
 //!   victims)`: append exactly `count` live slots of `head` to evict, and forget them.
+//!
+//! Optional members, detected by the cache with `requires`:
+//! - `status observe(state&, const slot_table&, const key_reader&, const S&...)` with the
+//!   policy's signals in the order of `signals`: one call per `cache::observe`, with read access
+//!   to the cached keys (policies that score queries against keys: SnapKV, ScaleKV, H2O fed only
+//!   queries). Preferred over the per-signal form when present. It must validate everything
+//!   before it changes the state (a failed observe leaves the state as it was).
+//! - `std::uint32_t target(const state&, const slot_table&, std::uint32_t head,
+//!   std::uint32_t budget) const`: the tokens `head` keeps at evict(), given the cache's budget
+//!   for it. Policies whose budget comes from their own rules (H2O's ratio of the prompt, ScaleKV's
+//!   per-scale table, SnapKV compressing once) answer here; the cache evicts down to it.
+//! - `static constexpr bool never_evicts`: the cache skips eviction entirely.
 #pragma once
 
 #include <kvcache/config.hpp>
@@ -22,6 +34,7 @@
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 KVCACHE_NAMESPACE_BEGIN
@@ -42,6 +55,22 @@ struct placement {
   std::int64_t first_position = 0;
 };
 
+//! Read access to the cached keys of one (sequence, layer), decoded to fp32, built by the cache
+//! from its quantizer so that policies never see storage formats. `read(head, first, count, out)`
+//! writes rows [first, first+count) of `head` as `[count][head_dim]` floats (empty slots decode
+//! whatever bytes they hold: mask them with the slot table).
+struct key_reader {
+  std::uint32_t rows = 0;
+  std::uint32_t head_dim = 0;
+  const void* ctx = nullptr;
+  void (*fn)(const void* ctx, std::uint32_t head, std::uint32_t first, std::uint32_t count,
+             float* out) = nullptr;
+
+  void read(std::uint32_t head, std::uint32_t first, std::uint32_t count, float* out) const {
+    fn(ctx, head, first, count, out);
+  }
+};
+
 template <class P>
 concept eviction_policy =
     std::copy_constructible<typename P::state> &&
@@ -52,5 +81,36 @@ concept eviction_policy =
       { p.on_append(st, t, pl) } -> std::same_as<void>;
       { p.select(st, t, std::uint32_t{}, std::uint32_t{}, out) } -> std::same_as<void>;
     };
+
+namespace detail {
+
+//! True when P has the joint `observe(state&, const slot_table&, const key_reader&, const N&...)`
+//! over its signals `List`, in list order.
+template <class P, class List>
+struct has_joint_observe : std::false_type {};
+template <class P, class... N>
+struct has_joint_observe<P, signal_list<N...>>
+    : std::bool_constant<requires(P& p, typename P::state& st, const slot_table& t,
+                                  const key_reader& kr, const N&... sigs) {
+        { p.observe(st, t, kr, sigs...) } -> std::same_as<status>;
+      }> {};
+
+//! True when P has `target(const state&, const slot_table&, uint32_t head, uint32_t budget)`.
+template <class P>
+concept has_target = requires(const P& p, const typename P::state& st, const slot_table& t) {
+  { p.target(st, t, std::uint32_t{}, std::uint32_t{}) } -> std::convertible_to<std::uint32_t>;
+};
+
+//! The argument of type N among `first, rest...` (exactly one has it: the cache checks).
+template <class N, class First, class... Rest>
+constexpr const N& pick_signal(const First& first, const Rest&... rest) noexcept {
+  if constexpr (std::is_same_v<N, First>) {
+    return first;
+  } else {
+    return pick_signal<N>(rest...);
+  }
+}
+
+}  // namespace detail
 
 KVCACHE_NAMESPACE_END

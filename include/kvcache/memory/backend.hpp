@@ -47,6 +47,8 @@ struct memory_stats {
   std::size_t pages_reclaimed = 0;  //!< taken back from idle ranges when the pool ran short
   std::size_t cow_copies = 0;       //!< pages copied on first write after a fork
   std::size_t ranges_reused = 0;    //!< acquisitions served by an idle range
+  std::size_t pages_mapped_ahead = 0;  //!< mapped by the background step (map_ahead)
+  std::size_t ahead_skipped = 0;       //!< pages map_ahead skipped: the pool could not supply them
 
   //! Physical pages held by ranges (mapped somewhere).
   [[nodiscard]] std::size_t pages_in_use() const noexcept { return pages_total - pages_free; }

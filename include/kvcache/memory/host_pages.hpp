@@ -96,6 +96,7 @@ class host_page_pool {
   [[nodiscard]] std::byte* address(page_id p) const noexcept { return view_ + offset(p); }
   [[nodiscard]] std::uint32_t refs(page_id p) const noexcept { return refs_.refs(p); }
   [[nodiscard]] const page_refs& bookkeeping() const noexcept { return refs_; }
+  [[nodiscard]] page_refs& bookkeeping() noexcept { return refs_; }
 
   //! Takes a free page with one reference. Precondition: free_pages() > 0.
   page_id take() noexcept { return refs_.take(); }
@@ -130,6 +131,33 @@ class host_page_pool {
   page_refs refs_;
 };
 
+//! Reserves `bytes` of inaccessible address space (no memory); system_error when the OS refuses.
+inline result<std::byte*> reserve_address_space(std::size_t bytes) noexcept {
+  void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return status{errc::system_error, detail::errno_text("mmap(reserve)", errno)};
+  return static_cast<std::byte*>(p);
+}
+//! Maps `len` bytes of file `fd` at `file_offset` to `at` (page aligned), read-write, shared,
+//! populated (the page tables are filled now, not on first touch during a step).
+[[nodiscard]] inline status map_file_pages(std::byte* at, std::size_t len, int fd,
+                                           off_t file_offset) noexcept {
+  void* p = ::mmap(at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd,
+                   file_offset);
+  if (p == MAP_FAILED)
+    return {errc::system_error,
+            detail::errno_text("mmap(map page)", errno) +
+                (errno == ENOMEM ? " (vm.max_map_count reached? scattered pages each need a VMA)"
+                                 : "")};
+  return {};
+}
+//! Replaces `[at, at+len)` with an inaccessible reservation again (one call, mapped or not).
+[[nodiscard]] inline status unmap_pages(std::byte* at, std::size_t len) noexcept {
+  void* p = ::mmap(at, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                   -1, 0);
+  if (p == MAP_FAILED) return {errc::system_error, detail::errno_text("mmap(unmap page)", errno)};
+  return {};
+}
+
 //! A reserved, initially inaccessible range of virtual addresses into which pool pages are
 //! mapped at page-aligned offsets. Reserving costs address space only.
 class host_virtual_range {
@@ -137,10 +165,10 @@ class host_virtual_range {
   host_virtual_range() = default;
   //! Reserves `bytes` of address space (no memory); fails with system_error when the OS refuses.
   static result<host_virtual_range> reserve(std::size_t bytes) noexcept {
-    void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return status{errc::system_error, detail::errno_text("mmap(reserve)", errno)};
+    auto p = reserve_address_space(bytes);
+    if (!p) return p.error();
     host_virtual_range r;
-    r.base_ = static_cast<std::byte*>(p);
+    r.base_ = *p;
     r.bytes_ = bytes;
     return r;
   }
@@ -163,21 +191,11 @@ class host_virtual_range {
 
   //! Maps `len` bytes of the file at `file_offset` to `base + offset`, read-write, shared.
   [[nodiscard]] status map(std::size_t offset, std::size_t len, int fd, off_t file_offset) noexcept {
-    void* p = ::mmap(base_ + offset, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd,
-                     file_offset);
-    if (p == MAP_FAILED)
-      return {errc::system_error,
-              detail::errno_text("mmap(map page)", errno) +
-                  (errno == ENOMEM ? " (vm.max_map_count reached? scattered pages each need a VMA)"
-                                   : "")};
-    return {};
+    return map_file_pages(base_ + offset, len, fd, file_offset);
   }
   //! Replaces `[offset, offset+len)` with an inaccessible reservation again.
   [[nodiscard]] status unmap(std::size_t offset, std::size_t len) noexcept {
-    void* p = ::mmap(base_ + offset, len, PROT_NONE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) return {errc::system_error, detail::errno_text("mmap(unmap page)", errno)};
-    return {};
+    return unmap_pages(base_ + offset, len);
   }
 
  private:

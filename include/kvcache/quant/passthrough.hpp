@@ -16,17 +16,12 @@ struct passthrough {
   [[nodiscard]] std::size_t scale_bytes(const geometry&) const noexcept { return 0; }
 
   void encode(const void* src, std::size_t rows, const geometry& g, std::byte* codes,
-              std::byte* /*scales*/) const noexcept {
+              std::byte* /*scales*/, quant_context = {}) const noexcept {
     std::memcpy(codes, src, rows * g.head_bytes());
   }
   void decode(const std::byte* codes, const std::byte* /*scales*/, std::size_t rows,
               const geometry& g, float* dst) const noexcept {
-    const std::size_t n = rows * g.head_dim;
-    if (g.type == dtype::f32) {
-      std::memcpy(dst, codes, n * sizeof(float));
-      return;
-    }
-    for (std::size_t i = 0; i < n; ++i) dst[i] = load_as_float(codes, i, g.type);
+    detail::load_row(codes, 0, rows * g.head_dim, g.type, dst);  // one vectorized loop per type
   }
 };
 

@@ -2,12 +2,14 @@
 //! @file
 //! Host reference attention over a cache view: softmax(q·Kᵀ/√d)·V with GQA, masking empty slots
 //! and (causally) keys at later positions. Slow and plain on purpose: tests, the demo and engines
-//! checking their integration compare against it. Quantized views are decoded on the fly.
+//! checking their integration compare against it. Quantized views are decoded on the fly: pass
+//! the cache's quantizer (`cache.quant()`) as `quant` (fp8, q8_0, q4_0, kivi_per_token, ...).
 #pragma once
 
 #include <kvcache/config.hpp>
 #include <kvcache/core/error.hpp>
 #include <kvcache/core/view.hpp>
+#include <kvcache/quant/dense.hpp>
 #include <kvcache/quant/passthrough.hpp>
 #include <kvcache/quant/quantizer.hpp>
 
@@ -26,17 +28,19 @@ struct attention_options {
 };
 
 //! Decodes the view's K and V to fp32 `[rows][kv_heads][head_dim]` (empty slots decode too).
+//! Any per-row format works: codes through `quant.decode`, with the metadata the view points at
+//! (`k_scale(slot, head)`: per-row scales and zeros, or the layer's / head's shared fp8 scale).
+//! kvcache::dequantize_dense (quant/dense.hpp) is the same, checked against the view's format.
 template <quantizer Q = passthrough>
 void dequantize(const layer_view& v, std::vector<float>& k, std::vector<float>& vv, const Q& quant = {}) {
-  geometry g{1, v.kv_heads, v.kv_heads, v.head_dim, v.type};
   const std::size_t D = v.head_dim;
   k.resize(std::size_t{v.rows} * v.kv_heads * D);
   vv.resize(k.size());
   for (std::uint32_t s = 0; s < v.rows; ++s)
     for (std::uint32_t h = 0; h < v.kv_heads; ++h) {
       const std::size_t o = (std::size_t{s} * v.kv_heads + h) * D;
-      quant.decode(v.k_row(s, h), v.k_scale(s, h), 1, g, k.data() + o);
-      quant.decode(v.v_row(s, h), v.v_scale(s, h), 1, g, vv.data() + o);
+      decode_key(v, quant, s, h, k.data() + o);  // token-grouped keys (KIVI) included
+      decode_value(v, quant, s, h, vv.data() + o);
     }
 }
 
