@@ -1,0 +1,628 @@
+// SPDX-License-Identifier: Apache-2.0
+//! @file
+//! The Llama forward pass on the CPU (SmolLM2-135M and any GGUF `llama` model of its shape), with
+//! its K/V in a `kvcache::cache`.
+//!
+//! - Weights are dequantized at load to fp32 (135M parameters: ~540 MB) or fp16 (~270 MB, the
+//!   tool's default: half the bytes streamed per decoded token), so every matmul is a plain loop the compiler vectorizes (AVX2+FMA clone where the CPU has it), split over a
+//!   small thread pool.
+//! - RoPE: llama.cpp's converter permutes HF's Q/K weights so that ggml's "normal" RoPE (rotating
+//!   adjacent pairs (x[2i], x[2i+1]) by pos·base^(-2i/d)) is right for `llama` files; that is what
+//!   runs here (the NeoX half-split variant gives nonsense on this file: checked by perplexity).
+//! - Attention: for each layer, the step's K/V (after RoPE) are appended to the cache, then the
+//!   step's queries attend over the layer's view: every slot below `rows`, masked where the slot
+//!   is empty (position -1) or causally later than the query. Passthrough fp32 views are read in
+//!   place; quantized ones are decoded to fp32 first (kvcache::decode_key / decode_value).
+//! - Signals: what the policy declares (`Cache::consumes<S>`): the attention probabilities the
+//!   step computes anyway, or the step's queries; then evict().
+#pragma once
+
+#include "gguf.hpp"
+
+#include <kvcache/kvcache.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace smollm {
+
+// ---- kernels -----------------------------------------------------------------------------------
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SMOLLM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SMOLLM_CLONES
+#endif
+
+// 8 floats in a GCC/Clang vector (AVX in the x86-64-v3 clone, two SSE registers otherwise).
+// Unaligned, and (as GCC documents for vector types) aliasing float. Macros rather than helper
+// functions, so that each target clone inlines its own code (no vector arguments across an ABI).
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+#define SMOLLM_LOAD8(p) (*reinterpret_cast<const v8f*>(p))
+#define SMOLLM_HSUM(v) ((((v)[0] + (v)[4]) + ((v)[1] + (v)[5])) + (((v)[2] + (v)[6]) + ((v)[3] + (v)[7])))
+
+//! Dot products of one weight row (n values, a multiple of 8) with `nx` inputs (`x` rows `ld`
+//! apart), into y[t*ldy].
+SMOLLM_CLONES inline void dot_rows(const float* __restrict w, const float* __restrict x, std::size_t ld,
+                                   std::size_t n, std::size_t nx, float* __restrict y, std::size_t ldy) {
+  std::size_t t = 0;
+  for (; t + 4 <= nx; t += 4) {  // four inputs share each load of the weight row
+    v8f a0{}, a1{}, a2{}, a3{};
+    const float* x0 = x + t * ld;
+    const float* x1 = x0 + ld;
+    const float* x2 = x1 + ld;
+    const float* x3 = x2 + ld;
+    for (std::size_t i = 0; i < n; i += 8) {
+      const v8f wv = SMOLLM_LOAD8(w + i);
+      a0 += wv * SMOLLM_LOAD8(x0 + i);
+      a1 += wv * SMOLLM_LOAD8(x1 + i);
+      a2 += wv * SMOLLM_LOAD8(x2 + i);
+      a3 += wv * SMOLLM_LOAD8(x3 + i);
+    }
+    y[t * ldy] = SMOLLM_HSUM(a0);
+    y[(t + 1) * ldy] = SMOLLM_HSUM(a1);
+    y[(t + 2) * ldy] = SMOLLM_HSUM(a2);
+    y[(t + 3) * ldy] = SMOLLM_HSUM(a3);
+  }
+  for (; t < nx; ++t) {
+    v8f a{}, b{};
+    const float* xt = x + t * ld;
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      a += SMOLLM_LOAD8(w + i) * SMOLLM_LOAD8(xt + i);
+      b += SMOLLM_LOAD8(w + i + 8) * SMOLLM_LOAD8(xt + i + 8);
+    }
+    for (; i < n; i += 8) a += SMOLLM_LOAD8(w + i) * SMOLLM_LOAD8(xt + i);
+    a += b;
+    y[t * ldy] = SMOLLM_HSUM(a);
+  }
+}
+
+//! dot_rows with an fp16 weight row: F16C+AVX2+FMA where the CPU has them (vcvtph2ps converts 8
+//! halves per instruction), else the row converted to fp32 first.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SMOLLM_HAS_F16C_PATH 1
+__attribute__((target("avx2,fma,f16c"))) inline void dot_rows_h_f16c(
+    const std::uint16_t* __restrict w, const float* __restrict x, std::size_t ld, std::size_t n, std::size_t nx,
+    float* __restrict y, std::size_t ldy) {
+  // macros, not lambdas: a lambda would not inherit this function's target
+#define wload(i) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (i))))
+#define hsum(v) SMOLLM_HSUM(v)
+  std::size_t t = 0;
+  for (; t + 4 <= nx; t += 4) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const float* x0 = x + t * ld;
+    const float* x1 = x0 + ld;
+    const float* x2 = x1 + ld;
+    const float* x3 = x2 + ld;
+    for (std::size_t i = 0; i < n; i += 8) {
+      const __m256 wv = wload(i);
+      a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
+      a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);
+      a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
+      a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
+    }
+    y[t * ldy] = hsum(a0);
+    y[(t + 1) * ldy] = hsum(a1);
+    y[(t + 2) * ldy] = hsum(a2);
+    y[(t + 3) * ldy] = hsum(a3);
+  }
+  for (; t < nx; ++t) {
+    __m256 a = _mm256_setzero_ps(), b = a;
+    const float* xt = x + t * ld;
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      a = _mm256_fmadd_ps(wload(i), _mm256_loadu_ps(xt + i), a);
+      b = _mm256_fmadd_ps(wload(i + 8), _mm256_loadu_ps(xt + i + 8), b);
+    }
+    for (; i < n; i += 8) a = _mm256_fmadd_ps(wload(i), _mm256_loadu_ps(xt + i), a);
+    y[t * ldy] = hsum(_mm256_add_ps(a, b));
+  }
+#undef wload
+#undef hsum
+}
+#endif
+
+inline void dot_rows_h(const std::uint16_t* w, const float* x, std::size_t ld, std::size_t n, std::size_t nx,
+                       float* y, std::size_t ldy) {
+#ifdef SMOLLM_HAS_F16C_PATH
+  // every AVX2 CPU has F16C (clang 14's __builtin_cpu_supports does not know "f16c")
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (f16c) {
+    dot_rows_h_f16c(w, x, ld, n, nx, y, ldy);
+    return;
+  }
+#endif
+  thread_local std::vector<float> row;
+  row.resize(n);
+  for (std::size_t i = 0; i < n; ++i) row[i] = kvcache::half_to_float(w[i]);
+  dot_rows(row.data(), x, ld, n, nx, y, ldy);
+}
+
+//! Attention of one query row over `R` slots of one KV head: scores (masked where `pos` says so),
+//! softmax, weighted sum of values; `p` gets the probabilities. D is a multiple of 8.
+template <std::uint32_t DD>
+SMOLLM_CLONES inline void attend_row_d(const float* __restrict q, const float* K, const float* V,
+                                     std::size_t stride, const std::int32_t* pos, std::size_t pos_stride,
+                                     std::int64_t qpos, std::uint32_t R, std::uint32_t D, float scale,
+                                     float* __restrict p, float* __restrict out) {
+  if constexpr (DD != 0) D = DD;  // a constant: the loops below unroll, accumulators stay in registers
+  float mx = -INFINITY;
+  for (std::uint32_t s = 0; s < R; ++s) {
+    const std::int32_t kp = pos[s * pos_stride];
+    if (kp < 0 || kp > qpos) {
+      p[s] = -INFINITY;
+      continue;
+    }
+    const float* k = K + s * stride;
+    v8f a{}, b{};  // two chains
+    std::uint32_t i = 0;
+    for (; i + 16 <= D; i += 16) {
+      a += SMOLLM_LOAD8(q + i) * SMOLLM_LOAD8(k + i);
+      b += SMOLLM_LOAD8(q + i + 8) * SMOLLM_LOAD8(k + i + 8);
+    }
+    if (i < D) a += SMOLLM_LOAD8(q + i) * SMOLLM_LOAD8(k + i);
+    a += b;
+    p[s] = SMOLLM_HSUM(a) * scale;
+    mx = std::max(mx, p[s]);
+  }
+  // exp(p - mx) eight at a time: Cephes' expf (range reduction by ln 2, degree-5 polynomial,
+  // max relative error ~2e-7); masked slots (-inf) come out as 0.
+  float sum = 0;
+  std::uint32_t s = 0;
+  for (; s + 8 <= R; s += 8) {
+    v8f x = SMOLLM_LOAD8(p + s) - mx;
+    typedef int v8i __attribute__((vector_size(32), aligned(4)));
+    const v8i dead = x < -87.0f;
+    x = x < -87.0f ? v8f{} - 87.0f : x;
+    const v8f fx = x * 1.44269504088896341f;
+    v8f n = __builtin_convertvector(__builtin_convertvector(fx + (fx < 0 ? -0.5f : 0.5f), v8i), v8f);
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8f y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x +
+             1.6666665459e-1f) * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.0f;
+    const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    v8f scale;
+    std::memcpy(&scale, &e, sizeof scale);
+    y = y * scale;
+    y = dead ? v8f{} : y;
+    *reinterpret_cast<v8f*>(p + s) = y;
+    sum += SMOLLM_HSUM(y);
+  }
+  for (; s < R; ++s) {
+    p[s] = p[s] == -INFINITY ? 0.0f : std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+  constexpr std::uint32_t NA = DD ? DD / 8 : 16;  // accumulators (D <= 128 for the runtime path)
+  v8f acc[NA] = {};
+  for (s = 0; s < R; ++s) {
+    p[s] *= inv;
+    if (p[s] == 0.0f) continue;
+    const float* v = V + s * stride;
+    const float w = p[s];
+    for (std::uint32_t i = 0; i < D / 8; ++i) acc[i] += w * SMOLLM_LOAD8(v + 8 * i);
+  }
+  for (std::uint32_t i = 0; i < D / 8; ++i) *reinterpret_cast<v8f*>(out + 8 * i) = acc[i];
+}
+
+//! attend_row_d for any head_dim (a multiple of 8, at most 128), specialized for 64 and 128.
+inline void attend_row(const float* q, const float* K, const float* V, std::size_t stride, const std::int32_t* pos,
+                       std::size_t pos_stride, std::int64_t qpos, std::uint32_t R, std::uint32_t D, float scale,
+                       float* p, float* out) {
+  if (D == 64) attend_row_d<64>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
+  else if (D == 128) attend_row_d<128>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
+  else attend_row_d<0>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
+}
+
+//! A tiny fork-join pool: run(n, f) calls f(i) for i in [0, n) over the caller and the workers.
+class thread_pool {
+ public:
+  explicit thread_pool(unsigned threads) {
+    for (unsigned i = 1; i < std::max(1u, threads); ++i) workers_.emplace_back([this] { loop(); });
+  }
+  thread_pool(const thread_pool&) = delete;
+  thread_pool& operator=(const thread_pool&) = delete;
+  ~thread_pool() {
+    stop_ = true;
+    gen_.fetch_add(1);
+    gen_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  [[nodiscard]] unsigned size() const noexcept { return static_cast<unsigned>(workers_.size()) + 1; }
+  void run(unsigned n, const std::function<void(unsigned)>& f) {
+    if (workers_.empty() || n <= 1) {
+      for (unsigned i = 0; i < n; ++i) f(i);
+      return;
+    }
+    job_ = &f;
+    n_ = n;
+    next_.store(0);
+    pending_.store(static_cast<unsigned>(workers_.size()));
+    gen_.fetch_add(1);
+    gen_.notify_all();
+    work();
+    for (int spin = 0; pending_.load() != 0; ++spin)
+      if (spin > 4096) std::this_thread::yield();
+  }
+
+ private:
+  void work() {
+    for (unsigned i; (i = next_.fetch_add(1)) < n_;) (*job_)(i);
+  }
+  void loop() {
+    std::uint64_t seen = 0;
+    for (;;) {
+      // spin a little (the next matmul is microseconds away), then sleep on the futex
+      for (int spin = 0; gen_.load() == seen && spin < 20000; ++spin) {
+      }
+      gen_.wait(seen);
+      seen = gen_.load();
+      if (stop_) return;
+      work();
+      pending_.fetch_sub(1);
+    }
+  }
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned n_ = 0;
+  std::atomic<unsigned> next_{0}, pending_{0};
+  std::atomic<std::uint64_t> gen_{0};
+  std::atomic<bool> stop_{false};
+};
+
+// ---- the model ---------------------------------------------------------------------------------
+
+struct config {
+  std::uint32_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
+  std::uint32_t context = 0;
+  float eps = 1e-5f;
+  float rope_base = 10000.0f;
+};
+
+//! A weight matrix `[rows][cols]`, stored as fp32 or fp16 (one of the two vectors is filled).
+struct matrix {
+  std::vector<float> f32;
+  std::vector<std::uint16_t> f16;
+  std::size_t rows = 0, cols = 0;
+  [[nodiscard]] float operator()(std::size_t r, std::size_t i) const noexcept {
+    return f16.empty() ? f32[r * cols + i] : kvcache::half_to_float(f16[r * cols + i]);
+  }
+  void row(std::size_t r, float* dst) const noexcept {
+    for (std::size_t i = 0; i < cols; ++i) dst[i] = (*this)(r, i);
+  }
+};
+
+struct layer_weights {
+  std::vector<float> attn_norm, ffn_norm;
+  matrix wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+//! How the engine keeps the (dequantized) weights: fp32, or fp16 (half the bytes to stream per
+//! token; the rounding is far below the Q4_1 quantization error of the file).
+enum class weight_format { f32, f16 };
+
+struct weights {
+  config cfg;
+  matrix embd;    //!< [vocab][hidden]
+  matrix output;  //!< [vocab][hidden]; empty when tied to embd
+  std::vector<float> out_norm;
+  std::vector<layer_weights> layers;
+  [[nodiscard]] const matrix& lm_head() const noexcept { return output.rows ? output : embd; }
+};
+
+//! Reads the hyperparameters and dequantizes every tensor of a `llama` GGUF, checking shapes.
+inline kvcache::result<weights> load(const gguf::file& f, weight_format format = weight_format::f32) {
+  weights W;
+  config& c = W.cfg;
+  const gguf::value* arch = f.find("general.architecture");
+  if (!arch || arch->s != "llama")
+    return kvcache::status{kvcache::errc::invalid_argument,
+                           "model: general.architecture is '" + (arch ? arch->s : std::string("?")) +
+                               "', this engine runs 'llama'"};
+  auto u32 = [&](const char* key, std::optional<double> fb = {}) -> kvcache::result<std::uint32_t> {
+    auto v = f.number(std::string("llama.") + key, fb);
+    if (!v) return v.error();
+    return static_cast<std::uint32_t>(*v);
+  };
+  auto get = [&](const char* key, std::uint32_t& dst, std::optional<double> fb = {}) -> kvcache::status {
+    auto v = u32(key, fb);
+    if (!v) return v.error();
+    dst = *v;
+    return {};
+  };
+  KVCACHE_TRY(get("block_count", c.layers));
+  KVCACHE_TRY(get("embedding_length", c.hidden));
+  KVCACHE_TRY(get("attention.head_count", c.heads));
+  KVCACHE_TRY(get("attention.head_count_kv", c.kv_heads, c.heads));
+  KVCACHE_TRY(get("feed_forward_length", c.ffn));
+  KVCACHE_TRY(get("context_length", c.context, 2048));
+  if (c.heads == 0 || c.kv_heads == 0 || c.heads % c.kv_heads || c.hidden % c.heads || c.layers == 0)
+    return kvcache::status{kvcache::errc::invalid_argument, "model: inconsistent head counts"};
+  c.head_dim = c.hidden / c.heads;
+  if (c.head_dim % 8 || c.head_dim > 128 || c.hidden % 8 || c.ffn % 8)  // kernels: vectors of 8 floats
+    return kvcache::status{kvcache::errc::invalid_argument,
+                           "model: head_dim (at most 128), hidden and feed_forward_length must be multiples of 8"};
+  std::uint32_t rope_dim = c.head_dim;
+  KVCACHE_TRY(get("rope.dimension_count", rope_dim, c.head_dim));
+  if (rope_dim != c.head_dim)
+    return kvcache::status{kvcache::errc::invalid_argument, "model: partial RoPE is not supported"};
+  if (auto e = f.number("llama.attention.layer_norm_rms_epsilon", 1e-5)) c.eps = static_cast<float>(*e);
+  if (auto b = f.number("llama.rope.freq_base", 10000.0)) c.rope_base = static_cast<float>(*b);
+  if (f.find("llama.rope.scaling.type") && f.find("llama.rope.scaling.type")->s != "none")
+    return kvcache::status{kvcache::errc::invalid_argument, "model: RoPE scaling is not supported"};
+
+  auto tensor = [&](const std::string& name, std::vector<float>& dst, std::uint64_t cols,
+                    std::uint64_t rows) -> kvcache::status {
+    const gguf::tensor_info* t = f.tensor(name);
+    if (!t) return {kvcache::errc::invalid_argument, "model: missing tensor " + name};
+    if (t->row_length() != cols || t->rows() != rows)
+      return {kvcache::errc::shape_mismatch, "model: tensor " + name + " is [" + std::to_string(t->row_length()) +
+                                                 " x " + std::to_string(t->rows()) + "], expected [" +
+                                                 std::to_string(cols) + " x " + std::to_string(rows) + "]"};
+    return f.read_f32(*t, dst);
+  };
+  auto mat = [&](const std::string& name, matrix& m, std::uint64_t cols, std::uint64_t rows) -> kvcache::status {
+    KVCACHE_TRY(tensor(name, m.f32, cols, rows));
+    m.rows = rows;
+    m.cols = cols;
+    if (format == weight_format::f16) {
+      m.f16.resize(m.f32.size());
+      for (std::size_t i = 0; i < m.f32.size(); ++i) m.f16[i] = kvcache::float_to_half(m.f32[i]);
+      std::vector<float>().swap(m.f32);
+    }
+    return {};
+  };
+  const gguf::tensor_info* te = f.tensor("token_embd.weight");
+  if (!te) return kvcache::status{kvcache::errc::invalid_argument, "model: missing tensor token_embd.weight"};
+  c.vocab = static_cast<std::uint32_t>(te->rows());
+  const std::uint64_t H = c.hidden, KV = std::uint64_t{c.kv_heads} * c.head_dim, F = c.ffn;
+  KVCACHE_TRY(mat("token_embd.weight", W.embd, H, c.vocab));
+  KVCACHE_TRY(tensor("output_norm.weight", W.out_norm, H, 1));
+  if (f.tensor("output.weight")) KVCACHE_TRY(mat("output.weight", W.output, H, c.vocab));
+  W.layers.resize(c.layers);
+  for (std::uint32_t l = 0; l < c.layers; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    auto& L = W.layers[l];
+    KVCACHE_TRY(tensor(p + "attn_norm.weight", L.attn_norm, H, 1));
+    KVCACHE_TRY(mat(p + "attn_q.weight", L.wq, H, H));
+    KVCACHE_TRY(mat(p + "attn_k.weight", L.wk, H, KV));
+    KVCACHE_TRY(mat(p + "attn_v.weight", L.wv, H, KV));
+    KVCACHE_TRY(mat(p + "attn_output.weight", L.wo, H, H));
+    KVCACHE_TRY(tensor(p + "ffn_norm.weight", L.ffn_norm, H, 1));
+    KVCACHE_TRY(mat(p + "ffn_gate.weight", L.w_gate, H, F));
+    KVCACHE_TRY(mat(p + "ffn_up.weight", L.w_up, H, F));
+    KVCACHE_TRY(mat(p + "ffn_down.weight", L.w_down, F, H));
+  }
+  return W;
+}
+
+//! The geometry of the model's K/V (fp32: the engine computes in fp32).
+inline kvcache::geometry kv_geometry(const config& c) {
+  return kvcache::geometry{c.layers, c.kv_heads, c.heads, c.head_dim, kvcache::dtype::f32};
+}
+
+//! RMSNorm of `n` rows of `dim` values: y = x / sqrt(mean(x²) + eps) * w.
+inline void rmsnorm(const float* x, const float* w, float* y, std::size_t n, std::size_t dim, float eps) {
+  for (std::size_t t = 0; t < n; ++t) {
+    const float* xr = x + t * dim;
+    float* yr = y + t * dim;
+    double ss = 0;
+    for (std::size_t i = 0; i < dim; ++i) ss += double(xr[i]) * xr[i];
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / double(dim)) + eps);
+    for (std::size_t i = 0; i < dim; ++i) yr[i] = xr[i] * r * w[i];
+  }
+}
+
+//! ggml's normal RoPE on `heads` rows of `dim`: pairs (2i, 2i+1) rotated by pos·base^(-2i/dim).
+inline void rope(float* x, std::uint32_t heads, std::uint32_t dim, std::int64_t pos, float base) {
+  for (std::uint32_t i = 0; i < dim / 2; ++i) {
+    const double theta = double(pos) * std::pow(double(base), -2.0 * i / dim);
+    const float cs = static_cast<float>(std::cos(theta)), sn = static_cast<float>(std::sin(theta));
+    for (std::uint32_t h = 0; h < heads; ++h) {
+      float* p = x + std::size_t{h} * dim + 2 * i;
+      const float a = p[0], b = p[1];
+      p[0] = a * cs - b * sn;
+      p[1] = a * sn + b * cs;
+    }
+  }
+}
+
+//! Per-step timing (seconds), for the share of time spent inside kvcache.
+struct timing {
+  double total = 0, cache = 0, attention = 0;
+  std::uint64_t tokens = 0;
+};
+
+//! One sequence of one model decoding through a `kvcache::cache`.
+template <class Cache>
+class engine {
+ public:
+  engine(const weights& w, Cache& kc, thread_pool& pool) : w_(w), kc_(kc), pool_(pool) {
+    seq_ = kc_.open().value();
+    const config& c = w_.cfg;
+    inv_freq_.resize(c.head_dim / 2);
+    for (std::uint32_t i = 0; i < c.head_dim / 2; ++i)
+      inv_freq_[i] = std::pow(double(c.rope_base), -2.0 * i / c.head_dim);
+  }
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+  ~engine() { (void)kc_.close(seq_); }
+
+  [[nodiscard]] std::int64_t position() const noexcept { return pos_; }
+  [[nodiscard]] kvcache::seq_id sequence() const noexcept { return seq_; }
+  timing time;
+
+  //! Runs `n` tokens (positions position() .. +n-1) through the model: their K/V go into the
+  //! cache, then the policy is fed and evicts. `logits`: `[n][vocab]` when `all_logits`, else
+  //! the last token's `[vocab]`; may be null.
+  kvcache::status forward(const std::int32_t* tokens, std::uint32_t n, float* logits, bool all_logits = false) {
+    const auto t_start = std::chrono::steady_clock::now();
+    const config& c = w_.cfg;
+    const std::size_t H = c.hidden, QD = std::size_t{c.heads} * c.head_dim,
+                      KD = std::size_t{c.kv_heads} * c.head_dim, F = c.ffn;
+    x_.resize(n * H);
+    xn_.resize(n * H);
+    q_.resize(n * QD);
+    k_.resize(n * KD);
+    v_.resize(n * KD);
+    att_.resize(n * QD);
+    gate_.resize(n * F);
+    up_.resize(n * F);
+    for (std::uint32_t t = 0; t < n; ++t) {
+      if (tokens[t] < 0 || static_cast<std::uint32_t>(tokens[t]) >= c.vocab)
+        return {kvcache::errc::invalid_argument, "forward: token id " + std::to_string(tokens[t]) + " out of range"};
+      w_.embd.row(static_cast<std::size_t>(tokens[t]), x_.data() + t * H);
+    }
+    for (std::uint32_t l = 0; l < c.layers; ++l) {
+      const layer_weights& L = w_.layers[l];
+      rmsnorm(x_.data(), L.attn_norm.data(), xn_.data(), n, H, c.eps);
+      matmul(L.wq, QD, H, xn_.data(), n, q_.data());
+      matmul(L.wk, KD, H, xn_.data(), n, k_.data());
+      matmul(L.wv, KD, H, xn_.data(), n, v_.data());
+      for (std::uint32_t t = 0; t < n; ++t) {
+        rope_cached(q_.data() + t * QD, c.heads, pos_ + t);
+        rope_cached(k_.data() + t * KD, c.kv_heads, pos_ + t);
+      }
+      KVCACHE_TRY(attend(l, n));
+      matmul(L.wo, H, H, att_.data(), n, xn_.data());
+      for (std::size_t i = 0; i < n * H; ++i) x_[i] += xn_[i];
+      rmsnorm(x_.data(), L.ffn_norm.data(), xn_.data(), n, H, c.eps);
+      matmul(L.w_gate, F, H, xn_.data(), n, gate_.data());
+      matmul(L.w_up, F, H, xn_.data(), n, up_.data());
+      for (std::size_t i = 0; i < n * F; ++i) {
+        const float g = gate_[i];
+        gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];  // SwiGLU: silu(gate) * up
+      }
+      matmul(L.w_down, H, F, gate_.data(), n, xn_.data());
+      for (std::size_t i = 0; i < n * H; ++i) x_[i] += xn_[i];
+    }
+    pos_ += n;
+    if (logits) {
+      const std::uint32_t first = all_logits ? 0 : n - 1, m = all_logits ? n : 1;
+      rmsnorm(x_.data() + first * H, w_.out_norm.data(), xn_.data(), m, H, c.eps);
+      matmul(w_.lm_head(), c.vocab, H, xn_.data(), m, logits);
+    }
+    time.tokens += n;
+    time.total += seconds_since(t_start);
+    return {};
+  }
+
+  //! y[t][o] = W[o]·x[t] for W `[rows][cols]`, x `[n][cols]`, y `[n][rows]`, split over the pool.
+  void matmul(const matrix& W, std::size_t rows, std::size_t cols, const float* x, std::size_t n, float* y) {
+    const unsigned parts = std::min<unsigned>(pool_.size() * 4, static_cast<unsigned>((rows + 15) / 16));
+    const std::size_t per = (rows + parts - 1) / parts;
+    pool_.run(parts, [&](unsigned p) {
+      const std::size_t r0 = p * per, r1 = std::min(rows, r0 + per);
+      if (W.f16.empty())
+        for (std::size_t r = r0; r < r1; ++r) dot_rows(W.f32.data() + r * cols, x, cols, cols, n, y + r, rows);
+      else
+        for (std::size_t r = r0; r < r1; ++r) dot_rows_h(W.f16.data() + r * cols, x, cols, cols, n, y + r, rows);
+    });
+  }
+
+ private:
+  static double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  void rope_cached(float* x, std::uint32_t heads, std::int64_t pos) {
+    const std::uint32_t D = w_.cfg.head_dim;
+    for (std::uint32_t i = 0; i < D / 2; ++i) {
+      const double theta = double(pos) * inv_freq_[i];
+      const float cs = static_cast<float>(std::cos(theta)), sn = static_cast<float>(std::sin(theta));
+      for (std::uint32_t h = 0; h < heads; ++h) {
+        float* p = x + std::size_t{h} * D + 2 * i;
+        const float a = p[0], b = p[1];
+        p[0] = a * cs - b * sn;
+        p[1] = a * sn + b * cs;
+      }
+    }
+  }
+
+  // Appends the step's K/V to layer l, attends over the view, feeds the policy, evicts.
+  kvcache::status attend(std::uint32_t l, std::uint32_t n) {
+    const config& c = w_.cfg;
+    const std::uint32_t D = c.head_dim, QH = c.heads, KH = c.kv_heads, G = QH / KH;
+    auto t0 = std::chrono::steady_clock::now();
+    const kvcache::kv_tensor kt{k_.data(), kvcache::dtype::f32, n, KH, D};
+    const kvcache::kv_tensor vt{v_.data(), kvcache::dtype::f32, n, KH, D};
+    KVCACHE_TRY(kc_.append(seq_, l, kt, vt));
+    auto vr = kc_.view(seq_, l);
+    if (!vr) return vr.error();
+    const kvcache::layer_view view = *vr;
+    time.cache += seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    const std::uint32_t R = view.rows;
+    // K/V as fp32 [rows][kv_heads][D]: in place for fp32 passthrough, else decoded.
+    const float* K;
+    const float* V;
+    std::size_t kstride;  // floats between slots
+    constexpr bool in_place = std::is_same_v<typename Cache::quantizer_type, kvcache::passthrough>;
+    if (in_place && view.order == kvcache::layout::token_major && view.type == kvcache::dtype::f32) {
+      K = reinterpret_cast<const float*>(view.k);
+      V = reinterpret_cast<const float*>(view.v);
+      kstride = view.slot_stride / sizeof(float);
+    } else {
+      kd_.resize(std::size_t{R} * KH * D);
+      vd_.resize(kd_.size());
+      pool_.run(2, [&](unsigned half) {
+        for (std::uint32_t s = half; s < R; s += 2)
+          for (std::uint32_t h = 0; h < KH; ++h) {
+            const std::size_t o = (std::size_t{s} * KH + h) * D;
+            kvcache::decode_key(view, kc_.quant(), s, h, kd_.data() + o);
+            kvcache::decode_value(view, kc_.quant(), s, h, vd_.data() + o);
+          }
+      });
+      K = kd_.data();
+      V = vd_.data();
+      kstride = std::size_t{KH} * D;
+    }
+    constexpr bool want_probs = Cache::template consumes<kvcache::attention_signal>;
+    if (want_probs) probs_.assign(std::size_t{QH} * n * R, 0.0f);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const std::size_t QD = std::size_t{QH} * D;
+    pool_.run(QH, [&](unsigned qh) {
+      thread_local std::vector<float> p;
+      p.resize(R);
+      const std::uint32_t h = qh / G;
+      for (std::uint32_t t = 0; t < n; ++t) {
+        float* o = att_.data() + t * QD + std::size_t{qh} * D;
+        attend_row(q_.data() + t * QD + std::size_t{qh} * D, K + std::size_t{h} * D, V + std::size_t{h} * D,
+                   kstride, view.positions + h, KH, pos_ + t, R, D, scale, p.data(), o);
+        if (want_probs) std::copy_n(p.data(), R, probs_.begin() + static_cast<std::ptrdiff_t>((std::size_t{qh} * n + t) * R));
+      }
+    });
+    time.attention += seconds_since(t0);
+    t0 = std::chrono::steady_clock::now();
+    if constexpr (want_probs) {
+      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::attention_signal{probs_.data(), QH, n, R}));
+    } else if constexpr (Cache::template consumes<kvcache::query_signal>) {
+      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::query_signal{q_.data(), kvcache::dtype::f32, n}));
+    }
+    KVCACHE_TRY(kc_.evict(seq_, l));
+    time.cache += seconds_since(t0);
+    return {};
+  }
+
+  const weights& w_;
+  Cache& kc_;
+  thread_pool& pool_;
+  kvcache::seq_id seq_;
+  std::int64_t pos_ = 0;
+  std::vector<double> inv_freq_;
+  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, kd_, vd_, probs_;
+};
+
+}  // namespace smollm
