@@ -76,6 +76,18 @@ inline status runtime_status(cudaError_t e, const char* what) {
               ")"};
 }
 
+//! True for device (or managed) memory of the current device: a kernel launched there can read
+//! it. Host memory (pageable or pinned) and other devices' memory answer false.
+inline bool on_current_device(const void* p) noexcept {
+  cudaPointerAttributes a{};
+  int dev = -1;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == dev;
+}
+
 namespace detail {
 
 struct driver_load {

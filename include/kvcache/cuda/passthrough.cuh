@@ -71,7 +71,7 @@ class cuda_passthrough {
   void encode_chunks(const void* src, std::span<const row_chunk> chunks, const geometry& g,
                      std::byte* codes_base) {
     if (chunks.empty()) return;
-    if (!on_current_device(src)) {
+    if (!gpu::on_current_device(src)) {
       per_chunk(src, chunks, g, codes_base);
       return;
     }
@@ -84,7 +84,7 @@ class cuda_passthrough {
   void encode_chunks(const void* k_src, const void* v_src, std::span<const row_chunk> chunks,
                      const geometry& g, std::byte* k_base, std::byte* v_base) {
     if (chunks.empty()) return;
-    if (!on_current_device(k_src) || !on_current_device(v_src)) {
+    if (!gpu::on_current_device(k_src) || !gpu::on_current_device(v_src)) {
       per_chunk(k_src, chunks, g, k_base);
       per_chunk(v_src, chunks, g, v_base);
       return;
@@ -115,16 +115,6 @@ class cuda_passthrough {
   }
   static void check(const status& st) {
     if (!st) raise(st.code(), "cuda_passthrough::encode_chunks: " + st.message());
-  }
-  //! Device (or managed) memory of the current device: a kernel there can read it.
-  static bool on_current_device(const void* p) noexcept {
-    cudaPointerAttributes a{};
-    int dev = -1;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == dev;
   }
   void per_chunk(const void* src, std::span<const row_chunk> chunks, const geometry& g,
                  std::byte* base) const {

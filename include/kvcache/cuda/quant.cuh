@@ -723,16 +723,7 @@ inline void raise_on(const status& st, const char* what) {
   if (!st) raise(st.code(), std::string(what) + ": " + st.message());
 }
 
-//! Device (or managed) memory of the current device: a kernel there can read it.
-inline bool on_current_device(const void* p) noexcept {
-  cudaPointerAttributes a{};
-  int dev = -1;
-  if (cudaPointerGetAttributes(&a, p) != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == dev;
-}
+using gpu::on_current_device;
 
 //! What every device quantizer shares: its stream, staging of host input, input validation,
 //! reading codes back for the host decode.

@@ -223,10 +223,7 @@ class scale_aware {
         scr_.seq[i] = std::binary_search(st.obs.begin(), st.obs.end(), p) ? ninf
                                                                           : scr_.folded[scr_.order[i]];
       }
-      scr_.pooled.resize(scr_.seq.size());
-      pool1d(scr_.seq.data(), scr_.seq.size(), cfg_.kernel, cfg_.pool, scr_.pooled.data());
-      auto& out = st.score[h];
-      for (std::size_t i = 0; i < scr_.order.size(); ++i) out[scr_.order[i]] = scr_.pooled[i];
+      pool_in_position_order(scr_, cfg_.kernel, cfg_.pool, st.score[h]);  // seq covers order
     }
     st.scored = true;
     return {};

@@ -288,6 +288,16 @@ inline void slots_in_position_order(const slot_table& t, std::uint32_t head,
     if (s >= 0) scr.order.push_back(static_cast<std::uint32_t>(s));
 }
 
+//! Pools scr.seq (scores of the first scr.seq.size() slots of scr.order, i.e. in position order)
+//! with `pool1d` and writes the result back to those slots of `out` (indexed by slot): pooling
+//! runs along positions, as the papers' 1-D pools over the sequence do.
+inline void pool_in_position_order(score_scratch& scr, std::uint32_t kernel, pooling p,
+                                   std::vector<float>& out) {
+  scr.pooled.resize(scr.seq.size());
+  pool1d(scr.seq.data(), scr.seq.size(), kernel, p, scr.pooled.data());
+  for (std::size_t i = 0; i < scr.seq.size(); ++i) out[scr.order[i]] = scr.pooled[i];
+}
+
 //! Appends to `victims` the `count` lowest-ranked entries of `cands` (all of them when fewer),
 //! in ascending rank. O(n) selection (nth_element), then a sort of the victims only.
 inline void lowest_ranked(std::vector<scored_slot>& cands, std::size_t count,

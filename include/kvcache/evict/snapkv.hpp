@@ -117,10 +117,7 @@ class snapkv {
         if (t.position(s, h) >= st.window_start) break;  // order is by position
         scr_.seq.push_back(votes[s]);
       }
-      scr_.pooled.resize(scr_.seq.size());
-      pool1d(scr_.seq.data(), scr_.seq.size(), cfg_.kernel, cfg_.pool, scr_.pooled.data());
-      auto& sc = st.score[h];
-      for (std::size_t i = 0; i < scr_.seq.size(); ++i) sc[scr_.order[i]] = scr_.pooled[i];
+      pool_in_position_order(scr_, cfg_.kernel, cfg_.pool, st.score[h]);
     }
     st.scored = true;
     return {};
