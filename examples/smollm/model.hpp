@@ -15,6 +15,9 @@
 //!   place; quantized ones are decoded to fp32 first (kvcache::decode_key / decode_value).
 //! - Signals: what the policy declares (`Cache::consumes<S>`): the attention probabilities the
 //!   step computes anyway, or the step's queries; then evict().
+//! - `engine` runs a batch of sequences through the weights in one pass (each weight matrix read
+//!   once per step for all rows); each sequence is a `kv_sequence`, the type-erased face of a
+//!   `cache_sequence<Cache>`, so one batch can mix policies and quantizers.
 #pragma once
 
 #include "gguf.hpp"
@@ -28,6 +31,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -54,23 +59,40 @@ typedef float v8f __attribute__((vector_size(32), aligned(4)));
 #define SMOLLM_HSUM(v) ((((v)[0] + (v)[4]) + ((v)[1] + (v)[5])) + (((v)[2] + (v)[6]) + ((v)[3] + (v)[7])))
 
 //! Dot products of one weight row (n values, a multiple of 8) with `nx` inputs (`x` rows `ld`
-//! apart), into y[t*ldy].
+//! apart), into y[t*ldy]. Every input is summed in the same order (two chains, even and odd
+//! 8-blocks) whether it is in a group of four or not: a row's result does not depend on the batch.
 SMOLLM_CLONES inline void dot_rows(const float* __restrict w, const float* __restrict x, std::size_t ld,
                                    std::size_t n, std::size_t nx, float* __restrict y, std::size_t ldy) {
   std::size_t t = 0;
   for (; t + 4 <= nx; t += 4) {  // four inputs share each load of the weight row
-    v8f a0{}, a1{}, a2{}, a3{};
+    v8f a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
     const float* x0 = x + t * ld;
     const float* x1 = x0 + ld;
     const float* x2 = x1 + ld;
     const float* x3 = x2 + ld;
-    for (std::size_t i = 0; i < n; i += 8) {
-      const v8f wv = SMOLLM_LOAD8(w + i);
-      a0 += wv * SMOLLM_LOAD8(x0 + i);
-      a1 += wv * SMOLLM_LOAD8(x1 + i);
-      a2 += wv * SMOLLM_LOAD8(x2 + i);
-      a3 += wv * SMOLLM_LOAD8(x3 + i);
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const v8f wa = SMOLLM_LOAD8(w + i), wb = SMOLLM_LOAD8(w + i + 8);
+      a0 += wa * SMOLLM_LOAD8(x0 + i);
+      b0 += wb * SMOLLM_LOAD8(x0 + i + 8);
+      a1 += wa * SMOLLM_LOAD8(x1 + i);
+      b1 += wb * SMOLLM_LOAD8(x1 + i + 8);
+      a2 += wa * SMOLLM_LOAD8(x2 + i);
+      b2 += wb * SMOLLM_LOAD8(x2 + i + 8);
+      a3 += wa * SMOLLM_LOAD8(x3 + i);
+      b3 += wb * SMOLLM_LOAD8(x3 + i + 8);
     }
+    for (; i < n; i += 8) {
+      const v8f wa = SMOLLM_LOAD8(w + i);
+      a0 += wa * SMOLLM_LOAD8(x0 + i);
+      a1 += wa * SMOLLM_LOAD8(x1 + i);
+      a2 += wa * SMOLLM_LOAD8(x2 + i);
+      a3 += wa * SMOLLM_LOAD8(x3 + i);
+    }
+    a0 += b0;
+    a1 += b1;
+    a2 += b2;
+    a3 += b3;
     y[t * ldy] = SMOLLM_HSUM(a0);
     y[(t + 1) * ldy] = SMOLLM_HSUM(a1);
     y[(t + 2) * ldy] = SMOLLM_HSUM(a2);
@@ -101,23 +123,35 @@ __attribute__((target("avx2,fma,f16c"))) inline void dot_rows_h_f16c(
 #define wload(i) _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (i))))
 #define hsum(v) SMOLLM_HSUM(v)
   std::size_t t = 0;
-  for (; t + 4 <= nx; t += 4) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; t + 4 <= nx; t += 4) {  // same summation order as the single-input loop below
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const float* x0 = x + t * ld;
     const float* x1 = x0 + ld;
     const float* x2 = x1 + ld;
     const float* x3 = x2 + ld;
-    for (std::size_t i = 0; i < n; i += 8) {
-      const __m256 wv = wload(i);
-      a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + i), a0);
-      a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + i), a1);
-      a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + i), a2);
-      a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + i), a3);
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256 wa = wload(i), wb = wload(i + 8);
+      a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x0 + i), a0);
+      b0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x0 + i + 8), b0);
+      a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x1 + i), a1);
+      b1 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x1 + i + 8), b1);
+      a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x2 + i), a2);
+      b2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x2 + i + 8), b2);
+      a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x3 + i), a3);
+      b3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x3 + i + 8), b3);
     }
-    y[t * ldy] = hsum(a0);
-    y[(t + 1) * ldy] = hsum(a1);
-    y[(t + 2) * ldy] = hsum(a2);
-    y[(t + 3) * ldy] = hsum(a3);
+    for (; i < n; i += 8) {
+      const __m256 wa = wload(i);
+      a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x0 + i), a0);
+      a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x1 + i), a1);
+      a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x2 + i), a2);
+      a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x3 + i), a3);
+    }
+    y[t * ldy] = hsum(_mm256_add_ps(a0, b0));
+    y[(t + 1) * ldy] = hsum(_mm256_add_ps(a1, b1));
+    y[(t + 2) * ldy] = hsum(_mm256_add_ps(a2, b2));
+    y[(t + 3) * ldy] = hsum(_mm256_add_ps(a3, b3));
   }
   for (; t < nx; ++t) {
     __m256 a = _mm256_setzero_ps(), b = a;
@@ -219,9 +253,15 @@ SMOLLM_CLONES inline void attend_row_d(const float* __restrict q, const float* K
 }
 
 //! attend_row_d for any head_dim (a multiple of 8, at most 128), specialized for 64 and 128.
+//! Slots at the end that are later than the query (the later tokens of a multi-token step) are
+//! left out, so a query sees the same slots in the same vector blocks whatever the step size:
+//! `--chunk 64` gives bit-for-bit the logits of token-by-token decoding (until a policy evicts).
 inline void attend_row(const float* q, const float* K, const float* V, std::size_t stride, const std::int32_t* pos,
                        std::size_t pos_stride, std::int64_t qpos, std::uint32_t R, std::uint32_t D, float scale,
                        float* p, float* out) {
+  const std::uint32_t all = R;
+  while (R > 0 && pos[(R - 1) * pos_stride] > qpos) --R;
+  std::fill(p + R, p + all, 0.0f);
   if (D == 64) attend_row_d<64>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
   else if (D == 128) attend_row_d<128>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
   else attend_row_d<0>(q, K, V, stride, pos, pos_stride, qpos, R, D, scale, p, out);
@@ -426,10 +466,12 @@ inline void rmsnorm(const float* x, const float* w, float* y, std::size_t n, std
   }
 }
 
-//! ggml's normal RoPE on `heads` rows of `dim`: pairs (2i, 2i+1) rotated by pos·base^(-2i/dim).
-inline void rope(float* x, std::uint32_t heads, std::uint32_t dim, std::int64_t pos, float base) {
+//! ggml's normal RoPE on `heads` rows of `dim`: pairs (2i, 2i+1) rotated by pos·inv_freq[i],
+//! inv_freq[i] = base^(-2i/dim), precomputed once per model.
+inline void rope(float* x, std::uint32_t heads, std::uint32_t dim, std::int64_t pos,
+                 const double* inv_freq) {
   for (std::uint32_t i = 0; i < dim / 2; ++i) {
-    const double theta = double(pos) * std::pow(double(base), -2.0 * i / dim);
+    const double theta = double(pos) * inv_freq[i];
     const float cs = static_cast<float>(std::cos(theta)), sn = static_cast<float>(std::sin(theta));
     for (std::uint32_t h = 0; h < heads; ++h) {
       float* p = x + std::size_t{h} * dim + 2 * i;
@@ -440,124 +482,64 @@ inline void rope(float* x, std::uint32_t heads, std::uint32_t dim, std::int64_t 
   }
 }
 
-//! Per-step timing (seconds), for the share of time spent inside kvcache.
+//! Time spent, in seconds (for tokens/s and the share of step time inside kvcache).
 struct timing {
-  double total = 0, cache = 0, attention = 0;
+  double total = 0;      //!< whole forward steps (engine::time)
+  double cache = 0;      //!< inside kvcache calls: append, view, observe, evict
+  double attention = 0;  //!< attention over the cache's view, quantized K/V decoded included
   std::uint64_t tokens = 0;
 };
 
-//! One sequence of one model decoding through a `kvcache::cache`.
-template <class Cache>
-class engine {
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+//! One sequence's K/V as the forward pass sees them: the part of a step that touches the cache.
+//! Type-erased, so that one batch can hold sequences of caches of different types (the tool's
+//! --sweep runs a policy or quantizer per sequence, all through the same weight reads).
+class kv_sequence {
  public:
-  engine(const weights& w, Cache& kc, thread_pool& pool) : w_(w), kc_(kc), pool_(pool) {
-    seq_ = kc_.open().value();
-    const config& c = w_.cfg;
-    inv_freq_.resize(c.head_dim / 2);
-    for (std::uint32_t i = 0; i < c.head_dim / 2; ++i)
-      inv_freq_[i] = std::pow(double(c.rope_base), -2.0 * i / c.head_dim);
-  }
-  engine(const engine&) = delete;
-  engine& operator=(const engine&) = delete;
-  ~engine() { (void)kc_.close(seq_); }
+  kv_sequence() = default;
+  kv_sequence(const kv_sequence&) = delete;
+  kv_sequence& operator=(const kv_sequence&) = delete;
+  virtual ~kv_sequence() = default;
 
+  //! Layer `l` of a step of `n` tokens at positions position() ..: appends their K/V
+  //! (`[n][kv_heads][head_dim]` fp32, after RoPE), attends the queries (`[n][heads][head_dim]`)
+  //! over the layer's view into `out` (shaped as the queries), feeds the policy, evicts.
+  virtual kvcache::status attend(std::uint32_t l, std::uint32_t n, const float* q, const float* k, const float* v,
+                                 float* out) = 0;
+  [[nodiscard]] virtual kvcache::cache_stats stats() const = 0;
   [[nodiscard]] std::int64_t position() const noexcept { return pos_; }
-  [[nodiscard]] kvcache::seq_id sequence() const noexcept { return seq_; }
-  timing time;
-
-  //! Runs `n` tokens (positions position() .. +n-1) through the model: their K/V go into the
-  //! cache, then the policy is fed and evicts. `logits`: `[n][vocab]` when `all_logits`, else
-  //! the last token's `[vocab]`; may be null.
-  kvcache::status forward(const std::int32_t* tokens, std::uint32_t n, float* logits, bool all_logits = false) {
-    const auto t_start = std::chrono::steady_clock::now();
-    const config& c = w_.cfg;
-    const std::size_t H = c.hidden, QD = std::size_t{c.heads} * c.head_dim,
-                      KD = std::size_t{c.kv_heads} * c.head_dim, F = c.ffn;
-    x_.resize(n * H);
-    xn_.resize(n * H);
-    q_.resize(n * QD);
-    k_.resize(n * KD);
-    v_.resize(n * KD);
-    att_.resize(n * QD);
-    gate_.resize(n * F);
-    up_.resize(n * F);
-    for (std::uint32_t t = 0; t < n; ++t) {
-      if (tokens[t] < 0 || static_cast<std::uint32_t>(tokens[t]) >= c.vocab)
-        return {kvcache::errc::invalid_argument, "forward: token id " + std::to_string(tokens[t]) + " out of range"};
-      w_.embd.row(static_cast<std::size_t>(tokens[t]), x_.data() + t * H);
-    }
-    for (std::uint32_t l = 0; l < c.layers; ++l) {
-      const layer_weights& L = w_.layers[l];
-      rmsnorm(x_.data(), L.attn_norm.data(), xn_.data(), n, H, c.eps);
-      matmul(L.wq, QD, H, xn_.data(), n, q_.data());
-      matmul(L.wk, KD, H, xn_.data(), n, k_.data());
-      matmul(L.wv, KD, H, xn_.data(), n, v_.data());
-      for (std::uint32_t t = 0; t < n; ++t) {
-        rope_cached(q_.data() + t * QD, c.heads, pos_ + t);
-        rope_cached(k_.data() + t * KD, c.kv_heads, pos_ + t);
-      }
-      KVCACHE_TRY(attend(l, n));
-      matmul(L.wo, H, H, att_.data(), n, xn_.data());
-      for (std::size_t i = 0; i < n * H; ++i) x_[i] += xn_[i];
-      rmsnorm(x_.data(), L.ffn_norm.data(), xn_.data(), n, H, c.eps);
-      matmul(L.w_gate, F, H, xn_.data(), n, gate_.data());
-      matmul(L.w_up, F, H, xn_.data(), n, up_.data());
-      for (std::size_t i = 0; i < n * F; ++i) {
-        const float g = gate_[i];
-        gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];  // SwiGLU: silu(gate) * up
-      }
-      matmul(L.w_down, H, F, gate_.data(), n, xn_.data());
-      for (std::size_t i = 0; i < n * H; ++i) x_[i] += xn_[i];
-    }
-    pos_ += n;
-    if (logits) {
-      const std::uint32_t first = all_logits ? 0 : n - 1, m = all_logits ? n : 1;
-      rmsnorm(x_.data() + first * H, w_.out_norm.data(), xn_.data(), m, H, c.eps);
-      matmul(w_.lm_head(), c.vocab, H, xn_.data(), m, logits);
-    }
-    time.tokens += n;
-    time.total += seconds_since(t_start);
-    return {};
-  }
-
-  //! y[t][o] = W[o]·x[t] for W `[rows][cols]`, x `[n][cols]`, y `[n][rows]`, split over the pool.
-  void matmul(const matrix& W, std::size_t rows, std::size_t cols, const float* x, std::size_t n, float* y) {
-    const unsigned parts = std::min<unsigned>(pool_.size() * 4, static_cast<unsigned>((rows + 15) / 16));
-    const std::size_t per = (rows + parts - 1) / parts;
-    pool_.run(parts, [&](unsigned p) {
-      const std::size_t r0 = p * per, r1 = std::min(rows, r0 + per);
-      if (W.f16.empty())
-        for (std::size_t r = r0; r < r1; ++r) dot_rows(W.f32.data() + r * cols, x, cols, cols, n, y + r, rows);
-      else
-        for (std::size_t r = r0; r < r1; ++r) dot_rows_h(W.f16.data() + r * cols, x, cols, cols, n, y + r, rows);
-    });
-  }
+  timing time;  //!< this sequence's attention and kvcache calls
 
  private:
-  static double seconds_since(std::chrono::steady_clock::time_point t0) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-  void rope_cached(float* x, std::uint32_t heads, std::int64_t pos) {
-    const std::uint32_t D = w_.cfg.head_dim;
-    for (std::uint32_t i = 0; i < D / 2; ++i) {
-      const double theta = double(pos) * inv_freq_[i];
-      const float cs = static_cast<float>(std::cos(theta)), sn = static_cast<float>(std::sin(theta));
-      for (std::uint32_t h = 0; h < heads; ++h) {
-        float* p = x + std::size_t{h} * D + 2 * i;
-        const float a = p[0], b = p[1];
-        p[0] = a * cs - b * sn;
-        p[1] = a * sn + b * cs;
-      }
-    }
-  }
+  friend class engine;  // advances the position after each step
+  std::int64_t pos_ = 0;
+};
 
-  // Appends the step's K/V to layer l, attends over the view, feeds the policy, evicts.
-  kvcache::status attend(std::uint32_t l, std::uint32_t n) {
-    const config& c = w_.cfg;
-    const std::uint32_t D = c.head_dim, QH = c.heads, KH = c.kv_heads, G = QH / KH;
+//! A sequence of a `kvcache::cache`: how an engine drives the library, one layer at a time.
+template <class Cache>
+class cache_sequence final : public kv_sequence {
+ public:
+  //! A new sequence in `kc`, which outlives it.
+  cache_sequence(Cache& kc, const config& c, thread_pool& pool)
+      : kc_(kc), c_(c), pool_(pool), seq_(kc_.open().value()) {}
+  //! A new sequence in a cache of its own.
+  cache_sequence(std::unique_ptr<Cache> kc, const config& c, thread_pool& pool)
+      : owned_(std::move(kc)), kc_(*owned_), c_(c), pool_(pool), seq_(kc_.open().value()) {}
+  ~cache_sequence() override { (void)kc_.close(seq_); }
+
+  [[nodiscard]] Cache& cache() noexcept { return kc_; }
+  [[nodiscard]] kvcache::seq_id id() const noexcept { return seq_; }
+  [[nodiscard]] kvcache::cache_stats stats() const override { return kc_.stats(); }
+
+  kvcache::status attend(std::uint32_t l, std::uint32_t n, const float* q, const float* k, const float* v,
+                         float* out) override {
+    const std::uint32_t D = c_.head_dim, QH = c_.heads, KH = c_.kv_heads, G = QH / KH;
     auto t0 = std::chrono::steady_clock::now();
-    const kvcache::kv_tensor kt{k_.data(), kvcache::dtype::f32, n, KH, D};
-    const kvcache::kv_tensor vt{v_.data(), kvcache::dtype::f32, n, KH, D};
+    const kvcache::kv_tensor kt{k, kvcache::dtype::f32, n, KH, D};
+    const kvcache::kv_tensor vt{v, kvcache::dtype::f32, n, KH, D};
     KVCACHE_TRY(kc_.append(seq_, l, kt, vt));
     auto vr = kc_.view(seq_, l);
     if (!vr) return vr.error();
@@ -593,36 +575,147 @@ class engine {
     if (want_probs) probs_.assign(std::size_t{QH} * n * R, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const std::size_t QD = std::size_t{QH} * D;
+    const std::int64_t pos = position();
     pool_.run(QH, [&](unsigned qh) {
       thread_local std::vector<float> p;
       p.resize(R);
       const std::uint32_t h = qh / G;
       for (std::uint32_t t = 0; t < n; ++t) {
-        float* o = att_.data() + t * QD + std::size_t{qh} * D;
-        attend_row(q_.data() + t * QD + std::size_t{qh} * D, K + std::size_t{h} * D, V + std::size_t{h} * D,
-                   kstride, view.positions + h, KH, pos_ + t, R, D, scale, p.data(), o);
-        if (want_probs) std::copy_n(p.data(), R, probs_.begin() + static_cast<std::ptrdiff_t>((std::size_t{qh} * n + t) * R));
+        attend_row(q + t * QD + std::size_t{qh} * D, K + std::size_t{h} * D, V + std::size_t{h} * D, kstride,
+                   view.positions + h, KH, pos + t, R, D, scale, p.data(), out + t * QD + std::size_t{qh} * D);
+        if (want_probs)
+          std::copy_n(p.data(), R, probs_.begin() + static_cast<std::ptrdiff_t>((std::size_t{qh} * n + t) * R));
       }
     });
     time.attention += seconds_since(t0);
     t0 = std::chrono::steady_clock::now();
+    // the signal the policy declares: the probabilities just computed (H2O), or the queries (SnapKV)
     if constexpr (want_probs) {
       KVCACHE_TRY(kc_.observe(seq_, l, kvcache::attention_signal{probs_.data(), QH, n, R}));
     } else if constexpr (Cache::template consumes<kvcache::query_signal>) {
-      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::query_signal{q_.data(), kvcache::dtype::f32, n}));
+      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::query_signal{q, kvcache::dtype::f32, n}));
     }
     KVCACHE_TRY(kc_.evict(seq_, l));
     time.cache += seconds_since(t0);
     return {};
   }
 
-  const weights& w_;
+ private:
+  std::unique_ptr<Cache> owned_;  // null when the cache is shared
   Cache& kc_;
+  const config& c_;
   thread_pool& pool_;
   kvcache::seq_id seq_;
-  std::int64_t pos_ = 0;
+  std::vector<float> kd_, vd_, probs_;
+};
+
+//! The forward pass over a batch of sequences: every weight matrix is read once per step for all
+//! of the batch's rows (decode is bound by those reads: N rows cost little more than one), while
+//! each sequence attends over its own cache. A row's result does not depend on the batch it is in.
+class engine {
+ public:
+  engine(const weights& w, thread_pool& pool) : w_(w), pool_(pool) {
+    const config& c = w_.cfg;
+    inv_freq_.resize(c.head_dim / 2);
+    for (std::uint32_t i = 0; i < c.head_dim / 2; ++i)
+      inv_freq_[i] = std::pow(double(c.rope_base), -2.0 * i / c.head_dim);
+  }
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  timing time;  //!< whole steps (the sequences' attention included); tokens counts rows
+
+  //! One step: sequence `seqs[s]` consumes `tokens[s*n .. s*n+n)` at its position. `logits`:
+  //! `[seqs][n][vocab]` when `all_logits`, else each sequence's last token `[seqs][vocab]`; may be null.
+  kvcache::status forward(std::span<kv_sequence* const> seqs, const std::int32_t* tokens, std::uint32_t n,
+                          float* logits, bool all_logits = false) {
+    const auto t_start = std::chrono::steady_clock::now();
+    const config& c = w_.cfg;
+    const std::size_t H = c.hidden, QD = std::size_t{c.heads} * c.head_dim,
+                      KD = std::size_t{c.kv_heads} * c.head_dim, F = c.ffn;
+    const std::size_t S = seqs.size(), rows = S * n;  // row s*n+t: token t of sequence s
+    for (std::size_t r = 0; r < rows; ++r)
+      if (tokens[r] < 0 || static_cast<std::uint32_t>(tokens[r]) >= c.vocab)
+        return {kvcache::errc::invalid_argument, "forward: token id " + std::to_string(tokens[r]) + " out of range"};
+    x_.resize(rows * H);
+    xn_.resize(rows * H);
+    q_.resize(rows * QD);
+    k_.resize(rows * KD);
+    v_.resize(rows * KD);
+    att_.resize(rows * QD);
+    gate_.resize(rows * F);
+    up_.resize(rows * F);
+    for (std::size_t r = 0; r < rows; ++r) w_.embd.row(static_cast<std::size_t>(tokens[r]), x_.data() + r * H);
+    for (std::uint32_t l = 0; l < c.layers; ++l) {
+      const layer_weights& L = w_.layers[l];
+      rmsnorm(x_.data(), L.attn_norm.data(), xn_.data(), rows, H, c.eps);
+      matmul(L.wq, QD, H, xn_.data(), rows, q_.data());
+      matmul(L.wk, KD, H, xn_.data(), rows, k_.data());
+      matmul(L.wv, KD, H, xn_.data(), rows, v_.data());
+      for (std::size_t s = 0; s < S; ++s)
+        for (std::uint32_t t = 0; t < n; ++t) {
+          const std::size_t r = s * n + t;
+          rope(q_.data() + r * QD, c.heads, c.head_dim, seqs[s]->position() + t, inv_freq_.data());
+          rope(k_.data() + r * KD, c.kv_heads, c.head_dim, seqs[s]->position() + t, inv_freq_.data());
+        }
+      for (std::size_t s = 0; s < S; ++s) {
+        const std::size_t r = s * n;
+        KVCACHE_TRY(seqs[s]->attend(l, n, q_.data() + r * QD, k_.data() + r * KD, v_.data() + r * KD,
+                                    att_.data() + r * QD));
+      }
+      matmul(L.wo, H, H, att_.data(), rows, xn_.data());
+      for (std::size_t i = 0; i < rows * H; ++i) x_[i] += xn_[i];
+      rmsnorm(x_.data(), L.ffn_norm.data(), xn_.data(), rows, H, c.eps);
+      matmul(L.w_gate, F, H, xn_.data(), rows, gate_.data());
+      matmul(L.w_up, F, H, xn_.data(), rows, up_.data());
+      for (std::size_t i = 0; i < rows * F; ++i) {
+        const float g = gate_[i];
+        gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];  // SwiGLU: silu(gate) * up
+      }
+      matmul(L.w_down, H, F, gate_.data(), rows, xn_.data());
+      for (std::size_t i = 0; i < rows * H; ++i) x_[i] += xn_[i];
+    }
+    for (kv_sequence* s : seqs) {
+      s->pos_ += n;
+      s->time.tokens += n;
+    }
+    if (logits) {
+      // the rows that need logits, gathered so that the LM head reads its weights once
+      const std::uint32_t first = all_logits ? 0 : n - 1, m = all_logits ? n : 1;
+      for (std::size_t s = 0; s < S; ++s)
+        rmsnorm(x_.data() + (s * n + first) * H, w_.out_norm.data(), xn_.data() + s * m * H, m, H, c.eps);
+      matmul(w_.lm_head(), c.vocab, H, xn_.data(), S * m, logits);
+    }
+    time.tokens += rows;
+    time.total += seconds_since(t_start);
+    return {};
+  }
+
+  //! forward() of one sequence.
+  kvcache::status forward(kv_sequence& seq, const std::int32_t* tokens, std::uint32_t n, float* logits,
+                          bool all_logits = false) {
+    kv_sequence* one[] = {&seq};
+    return forward(one, tokens, n, logits, all_logits);
+  }
+
+  //! y[t][o] = W[o]·x[t] for W `[rows][cols]`, x `[n][cols]`, y `[n][rows]`, split over the pool.
+  void matmul(const matrix& W, std::size_t rows, std::size_t cols, const float* x, std::size_t n, float* y) {
+    const unsigned parts = std::min<unsigned>(pool_.size() * 4, static_cast<unsigned>((rows + 15) / 16));
+    const std::size_t per = (rows + parts - 1) / parts;
+    pool_.run(parts, [&](unsigned p) {
+      const std::size_t r0 = p * per, r1 = std::min(rows, r0 + per);
+      if (W.f16.empty())
+        for (std::size_t r = r0; r < r1; ++r) dot_rows(W.f32.data() + r * cols, x, cols, cols, n, y + r, rows);
+      else
+        for (std::size_t r = r0; r < r1; ++r) dot_rows_h(W.f16.data() + r * cols, x, cols, cols, n, y + r, rows);
+    });
+  }
+
+ private:
+  const weights& w_;
+  thread_pool& pool_;
   std::vector<double> inv_freq_;
-  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, kd_, vd_, probs_;
+  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
 };
 
 }  // namespace smollm

@@ -5,6 +5,12 @@
 //   smollm [--model PATH] --prompt TEXT [--max-new N] [--chat]        greedy generation
 //   smollm [--model PATH] --ppl FILE [--window N] [--chunk C] [--kl]  teacher-forced perplexity
 //          (--kl: also the KL divergence from a keep-all fp32 cache run in lockstep)
+//          --token-ids FILE: whitespace-separated decimal token ids instead of the text (implies --ppl)
+//          --dump-logits FILE: raw little-endian float32 [predicted positions][vocab]; row i = the
+//          logits after consuming token i (predicting token i+1), every row the perplexity scores
+//   smollm [--model PATH] --ppl FILE --sweep "SPEC;SPEC;..."           many configurations at once
+//          SPEC = policy[@budget][/quant], budget a ratio (0.25) or tokens (128t); all run in
+//          lockstep over the same text, batched through the weights, against one keep-all reference
 //   smollm [--model PATH] --bench-decode N [--context C]              decode speed at context C
 //   smollm [--model PATH] --info                                      metadata and tensors
 // common: --policy keep_all|sink_window|heavy_hitter|snapkv  --budget R (ratio of the tokens)
@@ -20,6 +26,7 @@
 #include <kvcache/quant/ggml_blocks.hpp>
 #include <kvcache/quant/kivi.hpp>
 
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -35,11 +42,35 @@ namespace {
 
 using namespace smollm;
 
+//! One cache configuration: a policy with its budget, and a quantizer.
+struct variant {
+  std::string policy = "keep_all", quant = "none";
+  double ratio = 1.0;            // budget as a ratio of the tokens of the run ...
+  std::uint32_t tokens = 0;      // ... or in tokens (when not 0)
+  [[nodiscard]] bool reference() const { return policy == "keep_all" && quant == "none"; }
+  [[nodiscard]] std::string name() const {
+    std::string s = policy;
+    if (policy != "keep_all") {
+      char b[32];
+      if (tokens) std::snprintf(b, sizeof b, "@%ut", tokens);
+      else std::snprintf(b, sizeof b, "@%g", ratio);
+      s += b;
+    }
+    return quant == "none" ? s : s + "/" + quant;
+  }
+  //! The budget in tokens for a run that appends `total` tokens.
+  [[nodiscard]] std::uint32_t budget(std::uint32_t total) const {
+    const auto b = tokens ? tokens : static_cast<std::uint32_t>(std::ceil(ratio * total));
+    return std::clamp<std::uint32_t>(b, 1, total);
+  }
+};
+
 struct options {
-  std::string model, prompt, ppl_file, policy = "keep_all", quant = "none";
-  std::uint32_t max_new = 64, window = 512, chunk = 1, bench = 0, context = 1024, budget_tokens = 0;
+  std::string model, prompt, ppl_file, sweep;
+  std::string token_ids, dump_logits;  // --ppl: token ids instead of the text; raw logits out
+  variant v;
+  std::uint32_t max_new = 64, window = 512, chunk = 1, bench = 0, context = 1024;
   unsigned threads = 0;
-  double budget = 1.0;
   bool chat = false, info = false, weights_f32 = false, kl = false;
 };
 
@@ -54,135 +85,253 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// log-softmax of the target: log p(target)
-double log_prob(const float* logits, std::uint32_t vocab, std::int32_t target) {
-  float mx = logits[0];
-  for (std::uint32_t i = 1; i < vocab; ++i) mx = std::max(mx, logits[i]);
+// log of the softmax's denominator: log sum exp(logits)
+double log_sum_exp(const float* logits, std::uint32_t vocab) {
+  const float mx = *std::max_element(logits, logits + vocab);
   double sum = 0;
   for (std::uint32_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i]) - mx);
-  return double(logits[target]) - mx - std::log(sum);
+  return mx + std::log(sum);
 }
 
-// KL(p || q) of the softmaxes of two logit rows, in nats
-double kl_div(const float* p_logits, const float* q_logits, std::uint32_t vocab) {
-  const float pm = *std::max_element(p_logits, p_logits + vocab), qm = *std::max_element(q_logits, q_logits + vocab);
-  double ps = 0, qs = 0;
-  for (std::uint32_t i = 0; i < vocab; ++i) {
-    ps += std::exp(double(p_logits[i]) - pm);
-    qs += std::exp(double(q_logits[i]) - qm);
-  }
-  const double lps = std::log(ps), lqs = std::log(qs);
-  double kl = 0;
-  for (std::uint32_t i = 0; i < vocab; ++i) {
-    const double lp = double(p_logits[i]) - pm - lps, lq = double(q_logits[i]) - qm - lqs;
-    kl += std::exp(lp) * (lp - lq);
-  }
-  return std::max(0.0, kl);
-}
+// ---- building a cache and a sequence for a variant ---------------------------------------------
 
-struct job {
-  const options& o;
+//! What every cache of a run must hold.
+struct run_shape {
   const weights& w;
-  const tokenizer& tok;
   thread_pool& pool;
-  std::vector<std::int32_t> ids;  // the text (ppl) or the prompt
-  std::uint32_t total = 0;        // tokens the run will append
+  std::uint32_t total = 0;  // tokens the run appends
+  std::uint32_t step = 1;   // the most tokens one forward() appends before the policy evicts
 };
 
-template <class Cache>
-int run_with(job& j, Cache& kc, std::uint32_t budget) {
-  const options& o = j.o;
-  const std::uint32_t V = j.w.cfg.vocab;
-  engine<Cache> e(j.w, kc, j.pool);
-  std::printf("policy %s, quant %s, budget %u of %u tokens, chunk %u, threads %u\n", o.policy.c_str(),
-              Cache::quantizer_type::name(), budget, j.total, o.chunk, j.pool.size());
-  if (!o.ppl_file.empty()) {
-    const std::uint32_t n = std::min<std::uint32_t>(o.window, static_cast<std::uint32_t>(j.ids.size()));
-    std::vector<float> logits(std::size_t{o.chunk} * V), ref_logits;
-    // --kl: a keep-all fp32 cache runs in lockstep; KL(p_keep_all || p_this) per predicted token
-    using ref_cache = kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::passthrough>;
-    std::unique_ptr<ref_cache> rc;
-    std::unique_ptr<engine<ref_cache>> re;
-    if (o.kl) {
-      kvcache::cache_config rcfg;
-      rcfg.geo = kc.geo();
-      rcfg.max_tokens = n;
-      kvcache::host_vmm_config vm;
-      vm.pool_pages = 6 * std::size_t{rcfg.geo.layers} * (std::size_t{n} * rcfg.geo.token_bytes() / vm.page_size + 2);
-      rc = std::make_unique<ref_cache>(rcfg, kvcache::host_vmm{vm});
-      re = std::make_unique<engine<ref_cache>>(j.w, *rc, j.pool);
-      ref_logits.resize(logits.size());
+template <class Policy, class Quant>
+std::unique_ptr<kv_sequence> make_sequence(const run_shape& rs, const variant& v, Policy policy, Quant quant) {
+  using cache_t = kvcache::cache<kvcache::host_vmm, Policy, Quant>;
+  const std::uint32_t budget = v.budget(rs.total);
+  const bool evicts = v.policy != "keep_all" && budget < rs.total;
+  kvcache::cache_config cfg;
+  cfg.geo = kv_geometry(rs.w.cfg);
+  cfg.max_tokens = evicts ? std::min(rs.total, budget + rs.step) : rs.total;  // room for one step past the budget
+  cfg.budget = evicts ? budget : 0;
+  kvcache::host_vmm_config vm;
+  vm.page_size = 64 * 1024;
+  vm.pool_pages = 6 * std::size_t{cfg.geo.layers} *
+                  (std::size_t{cfg.max_tokens} * cfg.geo.token_bytes() / vm.page_size + 2);
+  auto kc = std::make_unique<cache_t>(cfg, kvcache::host_vmm{vm}, std::move(policy), std::move(quant));
+  return std::make_unique<cache_sequence<cache_t>>(std::move(kc), rs.w.cfg, rs.pool);
+}
+
+template <class Policy>
+kvcache::result<std::unique_ptr<kv_sequence>> pick_quant(const run_shape& rs, const variant& v, Policy p) {
+  const std::string& q = v.quant;
+  if (q == "none") return make_sequence(rs, v, p, kvcache::passthrough{});
+  if (q == "fp8") {  // scale 1 (vLLM's default k/v_scale): the library's default calibrates from
+                     // the first append, a single token when decoding token by token
+    const std::vector<float> ones(rs.w.cfg.layers, 1.0f);
+    return make_sequence(rs, v, p, kvcache::fp8_e4m3{kvcache::scale_granularity::per_layer, ones, ones});
+  }
+  if (q == "q8_0") return make_sequence(rs, v, p, kvcache::q8_0{});
+  if (q == "q4_0") return make_sequence(rs, v, p, kvcache::q4_0{});
+  if (q == "kivi8") return make_sequence(rs, v, p, kvcache::kivi<8, 32, 128>{});
+  if (q == "kivi4") return make_sequence(rs, v, p, kvcache::kivi<4, 32, 128>{});
+  if (q == "kivi2") return make_sequence(rs, v, p, kvcache::kivi<2, 32, 128>{});
+  return kvcache::status{kvcache::errc::invalid_argument,
+                         "unknown quantizer '" + q + "' (none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2)"};
+}
+
+//! A sequence in a new cache of the variant's policy, budget and quantizer.
+kvcache::result<std::unique_ptr<kv_sequence>> new_sequence(const run_shape& rs, const variant& v) {
+  if (v.policy == "keep_all") return pick_quant(rs, v, kvcache::keep_all{});
+  if (v.policy == "sink_window") return pick_quant(rs, v, kvcache::sink_window{4});
+  if (v.policy == "heavy_hitter") {  // H2O's split: half heavy hitters, half recent
+    const std::uint32_t budget = v.budget(rs.total);
+    kvcache::heavy_hitter_config hc;
+    hc.heavy = std::max<std::uint32_t>(1, budget - budget / 2);
+    hc.recent = std::max<std::uint32_t>(1, budget / 2);
+    return pick_quant(rs, v, kvcache::heavy_hitter<kvcache::attention_signal>(hc));
+  }
+  if (v.policy == "snapkv") return pick_quant(rs, v, kvcache::snapkv<kvcache::query_signal>());
+  return kvcache::status{kvcache::errc::invalid_argument,
+                         "unknown policy '" + v.policy + "' (keep_all|sink_window|heavy_hitter|snapkv)"};
+}
+
+//! "policy[@budget][/quant]": budget a ratio in (0, 1] or a token count ("128t").
+kvcache::result<variant> parse_variant(const std::string& spec) {
+  variant v;
+  std::string s = spec;
+  if (const auto slash = s.find('/'); slash != std::string::npos) {
+    v.quant = s.substr(slash + 1);
+    s.resize(slash);
+  }
+  if (const auto at = s.find('@'); at != std::string::npos) {
+    const std::string b = s.substr(at + 1);
+    s.resize(at);
+    char* end = nullptr;
+    const double x = std::strtod(b.c_str(), &end);
+    if (end != b.c_str() && std::string(end) == "t" && x >= 1) v.tokens = static_cast<std::uint32_t>(x);
+    else if (end != b.c_str() && *end == '\0' && x > 0 && x <= 1) v.ratio = x;
+    else
+      return kvcache::status{kvcache::errc::invalid_argument,
+                             "'" + spec + "': the budget after @ is a ratio in (0, 1] or a token count like 128t"};
+  }
+  v.policy = s;
+  return v;
+}
+
+// ---- perplexity ---------------------------------------------------------------------------------
+
+//! A variant's running totals over the predicted tokens.
+struct score {
+  double nll = 0, kl = 0, kl_max = 0;
+  std::uint32_t top1 = 0, n = 0;
+};
+
+//! Teacher-forced perplexity of `ids` for every variant at once: each variant gets a sequence in
+//! its own cache, all of them consume the same tokens in one batch per step, and the keep-all
+//! fp32 sequence (one of them, or an extra one when `kl` asks for it) is the reference for KL.
+int perplexity(const options& o, const weights& w, thread_pool& pool, const std::vector<std::int32_t>& ids,
+               const std::vector<variant>& variants, bool table) {
+  const std::uint32_t n = static_cast<std::uint32_t>(ids.size()), V = w.cfg.vocab;
+  const run_shape rs{w, pool, n, o.chunk};
+  std::vector<std::unique_ptr<kv_sequence>> seqs;
+  for (const variant& v : variants) {
+    auto s = new_sequence(rs, v);
+    if (!s) {
+      std::fprintf(stderr, "smollm: %s: %s\n", v.name().c_str(), s.error().message().c_str());
+      return 2;
     }
-    double nll = 0, kl = 0, kl_max = 0;
-    std::uint32_t scored = 0, top1 = 0;
-    const double t0 = now_s();
-    double ref_s = 0;
-    for (std::uint32_t at = 0; at < n; at += o.chunk) {
-      const std::uint32_t m = std::min(o.chunk, n - at);
-      if (auto st = e.forward(j.ids.data() + at, m, logits.data(), true); !st) {
-        std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
+    seqs.push_back(std::move(*s));
+  }
+  std::size_t ref = std::find_if(variants.begin(), variants.end(), [](const variant& v) { return v.reference(); }) -
+                    variants.begin();
+  const bool with_kl = o.kl || table;
+  if (with_kl && ref == variants.size()) seqs.push_back(std::move(new_sequence(rs, variant{}).value()));
+  if (!with_kl) ref = seqs.size();  // none
+
+  std::vector<kv_sequence*> batch;
+  for (auto& s : seqs) batch.push_back(s.get());
+  const std::size_t S = batch.size();
+
+  // --dump-logits: raw float32 rows [predicted positions][vocab] of the first variant
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> dump(nullptr, &std::fclose);
+  if (!o.dump_logits.empty()) {
+    static_assert(std::endian::native == std::endian::little, "--dump-logits writes little-endian float32");
+    dump.reset(std::fopen(o.dump_logits.c_str(), "wb"));
+    if (!dump) {
+      std::fprintf(stderr, "smollm: cannot create %s\n", o.dump_logits.c_str());
+      return 1;
+    }
+  }
+
+  engine e(w, pool);
+  std::vector<std::int32_t> step_tokens(S * o.chunk);
+  std::vector<float> logits(S * o.chunk * std::size_t{V});
+  std::vector<double> ref_p(V);  // the reference's next-token probabilities, one row at a time
+  std::vector<score> sc(S);
+  const double t0 = now_s();
+  for (std::uint32_t at = 0; at < n; at += o.chunk) {
+    const std::uint32_t m = std::min(o.chunk, n - at);
+    for (std::size_t s = 0; s < S; ++s) std::copy_n(ids.data() + at, m, step_tokens.data() + s * m);
+    if (auto st = e.forward(batch, step_tokens.data(), m, logits.data(), true); !st) {
+      std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
+      return 1;
+    }
+    if (table && (at + m) / 256 != at / 256)  // a long sweep says how far it is
+      std::fprintf(stderr, "smollm: %u of %u tokens, %.0f s\n", at + m, n, now_s() - t0);
+    auto row = [&](std::size_t s, std::uint32_t t) { return logits.data() + (s * m + t) * V; };
+    for (std::uint32_t t = 0; t < m && at + t + 1 < n; ++t) {
+      const std::int32_t target = ids[at + t + 1];
+      if (dump && std::fwrite(row(0, t), sizeof(float), V, dump.get()) != V) {
+        std::fprintf(stderr, "smollm: cannot write %s\n", o.dump_logits.c_str());
         return 1;
       }
-      if (re) {
-        const double r0 = now_s();
-        re->forward(j.ids.data() + at, m, ref_logits.data(), true).check();
-        ref_s += now_s() - r0;
-      }
-      for (std::uint32_t t = 0; t < m && at + t + 1 < n; ++t, ++scored) {
-        const float* l = logits.data() + std::size_t{t} * V;
-        nll -= log_prob(l, V, j.ids[at + t + 1]);
-        if (re) {
-          const float* r = ref_logits.data() + std::size_t{t} * V;
-          const double d = kl_div(r, l, V);
-          kl += d;
-          kl_max = std::max(kl_max, d);
-          top1 += std::max_element(r, r + V) - r == std::max_element(l, l + V) - l;
+      // KL(p_ref || q) = sum p_ref (log p_ref - log q): the reference's terms once per row
+      double ref_plogp = 0, ref_lse = 0;
+      std::ptrdiff_t ref_top = 0;
+      if (ref < S) {
+        const float* r = row(ref, t);
+        ref_lse = log_sum_exp(r, V);
+        for (std::uint32_t i = 0; i < V; ++i) {
+          ref_p[i] = std::exp(double(r[i]) - ref_lse);
+          ref_plogp += ref_p[i] * (double(r[i]) - ref_lse);
         }
+        ref_top = std::max_element(r, r + V) - r;
       }
+      pool.run(static_cast<unsigned>(S), [&](unsigned s) {
+        const float* l = row(s, t);
+        const double lse = log_sum_exp(l, V);
+        score& c = sc[s];
+        c.nll -= double(l[target]) - lse;
+        ++c.n;
+        if (ref < S) {
+          double cross = 0;  // sum p_ref log q
+          for (std::uint32_t i = 0; i < V; ++i) cross += ref_p[i] * (double(l[i]) - lse);
+          const double d = std::max(0.0, ref_plogp - cross);
+          c.kl += d;
+          c.kl_max = std::max(c.kl_max, d);
+          c.top1 += std::max_element(l, l + V) - l == ref_top;
+        }
+      });
     }
-    const double secs = now_s() - t0 - ref_s;
-    const auto st = kc.stats();
-    std::printf("perplexity %.4f  (mean nll %.5f over %u predicted tokens)\n", std::exp(nll / scored),
-                nll / scored, scored);
-    if (re)
-      std::printf("vs keep_all fp32: mean KL %.5f nats (max %.4f), top-1 agreement %.1f%%\n", kl / scored, kl_max,
-                  100.0 * top1 / scored);
+  }
+  const double wall = now_s() - t0;
+  // Step time of one sequence: its own attention and kvcache calls, plus its share of the
+  // batch's common work (matmuls, norms, RoPE), which a batch of one would pay alone.
+  double own_sum = 0;
+  for (auto* s : batch) own_sum += s->time.attention + s->time.cache;
+  const double common = std::max(0.0, e.time.total - own_sum) / double(S);
+  auto step_s = [&](std::size_t s) { return common + batch[s]->time.attention + batch[s]->time.cache; };
+
+  if (!table) {  // one variant: the lines a script reads
+    const score& c = sc[0];
+    const auto st = batch[0]->stats();
+    std::printf("perplexity %.4f  (mean nll %.5f over %u predicted tokens)\n", std::exp(c.nll / c.n), c.nll / c.n,
+                c.n);
+    if (ref < S)
+      std::printf("vs keep_all fp32: mean KL %.5f nats (max %.4f), top-1 agreement %.1f%%\n", c.kl / c.n, c.kl_max,
+                  100.0 * c.top1 / c.n);
     std::printf("KV held at the end: %.2f MiB live, %.2f MiB backed; %.1f tok/s; time in kvcache %.1f%%, "
                 "attention %.1f%%\n",
-                st.bytes_live / 1048576.0, st.bytes_backed / 1048576.0, n / secs,
-                100.0 * e.time.cache / e.time.total, 100.0 * e.time.attention / e.time.total);
+                st.bytes_live / 1048576.0, st.bytes_backed / 1048576.0, n / step_s(0),
+                100.0 * batch[0]->time.cache / step_s(0), 100.0 * batch[0]->time.attention / step_s(0));
     return 0;
   }
-  if (o.bench) {  // prefill `context` tokens (the prompt repeated), then decode `bench` tokens
-    std::vector<std::int32_t> ctx;
-    while (ctx.size() < o.context) ctx.insert(ctx.end(), j.ids.begin(), j.ids.end());
-    ctx.resize(o.context);
-    std::vector<float> logits(V);
-    double t0 = now_s();
-    for (std::uint32_t at = 0; at < o.context; at += 64) {
-      const std::uint32_t m = std::min<std::uint32_t>(64, o.context - at);
-      e.forward(ctx.data() + at, m, logits.data()).check();
-    }
-    const double prefill = now_s() - t0;
-    e.time = {};
-    std::int32_t next = 0;
-    t0 = now_s();
-    for (std::uint32_t i = 0; i < o.bench; ++i) {
-      next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-      e.forward(&next, 1, logits.data()).check();
-    }
-    const double secs = now_s() - t0;
-    std::printf("prefill %u tokens: %.1f tok/s; decode %u tokens at context %u..%u: %.1f tok/s "
-                "(%.2f ms/token; kvcache %.1f%%, attention %.1f%%)\n",
-                o.context, o.context / prefill, o.bench, o.context, o.context + o.bench, o.bench / secs,
-                1e3 * secs / o.bench, 100.0 * e.time.cache / e.time.total,
-                100.0 * e.time.attention / e.time.total);
-    return 0;
+  const double ref_ppl = std::exp(sc[ref].nll / sc[ref].n);
+  std::printf("%u tokens (%u predicted), chunk %u, %zu sequences in lockstep, %u threads: %.1f s, %.1f tok/s "
+              "for the batch\n\n",
+              n, sc[0].n, o.chunk, S, pool.size(), wall, double(n) * S / wall);
+  std::printf("| configuration | budget | perplexity | Δ vs keep_all | mean KL (nats) | top-1 agree | KV live "
+              "(MiB) | tok/s* | in kvcache* |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  for (std::size_t s = 0; s < variants.size(); ++s) {
+    const score& c = sc[s];
+    const double ppl = std::exp(c.nll / c.n);
+    const auto st = batch[s]->stats();
+    const variant& v = variants[s];
+    std::printf("| %s | %u | %.4f | %+.1f%% | %.4f | %.1f%% | %.2f | %.1f | %.2f%% |\n", v.name().c_str(),
+                v.policy == "keep_all" ? n : v.budget(n), ppl, 100.0 * (ppl / ref_ppl - 1), c.kl / c.n,
+                100.0 * c.top1 / c.n, st.bytes_live / 1048576.0, n / step_s(s),
+                100.0 * batch[s]->time.cache / step_s(s));
   }
-  // generation
-  std::vector<float> logits(V);
+  std::printf("\n* per sequence: its own attention and kvcache time plus 1/%zu of the batch's shared matmuls; "
+              "measure a lone run with --ppl or --bench-decode for real tokens/s.\n",
+              S);
+  std::fflush(stdout);
+  return 0;
+}
+
+// ---- generation and decode speed ----------------------------------------------------------------
+
+int generate(const options& o, const weights& w, thread_pool& pool, const tokenizer& tok,
+             const std::vector<std::int32_t>& prompt) {
+  const std::uint32_t total = static_cast<std::uint32_t>(prompt.size()) + o.max_new;
+  auto seq = new_sequence(run_shape{w, pool, total, static_cast<std::uint32_t>(prompt.size())}, o.v);
+  if (!seq) {
+    std::fprintf(stderr, "smollm: %s\n", seq.error().message().c_str());
+    return 2;
+  }
+  engine e(w, pool);
+  std::vector<float> logits(w.cfg.vocab);
   const double t0 = now_s();
-  if (auto st = e.forward(j.ids.data(), static_cast<std::uint32_t>(j.ids.size()), logits.data()); !st) {
+  if (auto st = e.forward(**seq, prompt.data(), static_cast<std::uint32_t>(prompt.size()), logits.data()); !st) {
     std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
     return 1;
   }
@@ -190,93 +339,104 @@ int run_with(job& j, Cache& kc, std::uint32_t budget) {
   std::uint32_t produced = 0;
   for (; produced < o.max_new; ++produced) {
     std::int32_t next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    if (next == j.tok.eos || j.tok.piece(next) == "<|im_end|>") break;
-    std::fputs(j.tok.decode(next).c_str(), stdout);
+    if (next == tok.eos || tok.piece(next) == "<|im_end|>") break;
+    std::fputs(tok.decode(next).c_str(), stdout);
     std::fflush(stdout);
     if (produced + 1 == o.max_new) {
       ++produced;
       break;
     }
-    if (auto st = e.forward(&next, 1, logits.data()); !st) {
+    if (auto st = e.forward(**seq, &next, 1, logits.data()); !st) {
       std::fprintf(stderr, "\nsmollm: %s\n", st.message().c_str());
       return 1;
     }
   }
   const double t2 = now_s();
-  std::printf("\n[prompt %zu tokens: %.1f tok/s; %u generated: %.1f tok/s]\n", j.ids.size(),
-              j.ids.size() / (t1 - t0), produced, produced > 1 ? (produced - 1) / (t2 - t1) : 0.0);
+  std::printf("\n[prompt %zu tokens: %.1f tok/s; %u generated: %.1f tok/s]\n", prompt.size(),
+              prompt.size() / (t1 - t0), produced, produced > 1 ? (produced - 1) / (t2 - t1) : 0.0);
   return 0;
 }
 
-template <class Policy, class Quant>
-int run_cache(job& j, Policy policy, Quant quant) {
-  const options& o = j.o;
-  const kvcache::geometry geo = kv_geometry(j.w.cfg);
-  std::uint32_t budget = o.budget_tokens ? o.budget_tokens
-                                         : static_cast<std::uint32_t>(std::ceil(o.budget * j.total));
-  budget = std::clamp<std::uint32_t>(budget, 1, j.total);
-  kvcache::cache_config cfg;
-  cfg.geo = geo;
-  const bool evicts = o.policy != "keep_all" && budget < j.total;
-  // the most tokens one forward() appends before it evicts
-  const std::uint32_t step = !o.ppl_file.empty() ? o.chunk
-                             : o.bench           ? std::max<std::uint32_t>(64, 1)
-                                                 : static_cast<std::uint32_t>(j.ids.size());
-  cfg.max_tokens = evicts ? std::min(j.total, budget + step) : j.total;
-  cfg.budget = evicts ? budget : 0;
-  kvcache::host_vmm_config vm;
-  vm.page_size = 64 * 1024;
-  vm.pool_pages = 6 * std::size_t{geo.layers} *
-                  (std::size_t{cfg.max_tokens} * geo.token_bytes() / vm.page_size + 2);
-  kvcache::cache<kvcache::host_vmm, Policy, Quant> kc(cfg, kvcache::host_vmm{vm}, std::move(policy),
-                                                      std::move(quant));
-  return run_with(j, kc, evicts ? budget : j.total);
-}
-
-template <class Policy>
-int pick_quant(job& j, Policy p) {
-  const std::string& q = j.o.quant;
-  if (q == "none") return run_cache(j, p, kvcache::passthrough{});
-  if (q == "fp8") {  // scale 1 (vLLM's default k/v_scale): the library's default calibrates from
-                     // the first append, a single token when decoding token by token
-    const std::vector<float> ones(j.w.cfg.layers, 1.0f);
-    return run_cache(j, p, kvcache::fp8_e4m3{kvcache::scale_granularity::per_layer, ones, ones});
+// prefill `context` tokens (the prompt repeated), then decode `bench` tokens greedily
+int bench_decode(const options& o, const weights& w, thread_pool& pool, const std::vector<std::int32_t>& prompt) {
+  auto seq = new_sequence(run_shape{w, pool, o.context + o.bench, 64}, o.v);
+  if (!seq) {
+    std::fprintf(stderr, "smollm: %s\n", seq.error().message().c_str());
+    return 2;
   }
-  if (q == "q8_0") return run_cache(j, p, kvcache::q8_0{});
-  if (q == "q4_0") return run_cache(j, p, kvcache::q4_0{});
-  if (q == "kivi8") return run_cache(j, p, kvcache::kivi<8, 32, 128>{});
-  if (q == "kivi4") return run_cache(j, p, kvcache::kivi<4, 32, 128>{});
-  if (q == "kivi2") return run_cache(j, p, kvcache::kivi<2, 32, 128>{});
-  std::fprintf(stderr, "smollm: unknown --quant %s (none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2)\n", q.c_str());
-  return 2;
-}
-
-int pick_policy(job& j) {
-  const options& o = j.o;
-  const std::uint32_t budget = o.budget_tokens ? o.budget_tokens
-                                               : static_cast<std::uint32_t>(std::ceil(o.budget * j.total));
-  if (o.policy == "keep_all") return pick_quant(j, kvcache::keep_all{});
-  if (o.policy == "sink_window") return pick_quant(j, kvcache::sink_window{4});
-  if (o.policy == "heavy_hitter") {  // H2O's split: half heavy hitters, half recent
-    kvcache::heavy_hitter_config hc;
-    hc.heavy = std::max<std::uint32_t>(1, budget - budget / 2);
-    hc.recent = std::max<std::uint32_t>(1, budget / 2);
-    return pick_quant(j, kvcache::heavy_hitter<kvcache::attention_signal>(hc));
+  kv_sequence& s = **seq;
+  engine e(w, pool);
+  std::vector<std::int32_t> ctx;
+  while (ctx.size() < o.context) ctx.insert(ctx.end(), prompt.begin(), prompt.end());
+  ctx.resize(o.context);
+  std::vector<float> logits(w.cfg.vocab);
+  double t0 = now_s();
+  for (std::uint32_t at = 0; at < o.context; at += 64) {
+    const std::uint32_t m = std::min<std::uint32_t>(64, o.context - at);
+    e.forward(s, ctx.data() + at, m, logits.data()).check();
   }
-  if (o.policy == "snapkv") return pick_quant(j, kvcache::snapkv<kvcache::query_signal>());
-  std::fprintf(stderr, "smollm: unknown --policy %s (keep_all|sink_window|heavy_hitter|snapkv)\n",
-               o.policy.c_str());
-  return 2;
+  const double prefill = now_s() - t0;
+  e.time = {};
+  s.time = {};
+  t0 = now_s();
+  for (std::uint32_t i = 0; i < o.bench; ++i) {
+    const auto next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    e.forward(s, &next, 1, logits.data()).check();
+  }
+  const double secs = now_s() - t0;
+  std::printf("prefill %u tokens: %.1f tok/s; decode %u tokens at context %u..%u: %.1f tok/s "
+              "(%.2f ms/token; kvcache %.1f%%, attention %.1f%%)\n",
+              o.context, o.context / prefill, o.bench, o.context, o.context + o.bench, o.bench / secs,
+              1e3 * secs / o.bench, 100.0 * s.time.cache / e.time.total, 100.0 * s.time.attention / e.time.total);
+  return 0;
 }
 
-int usage() {
-  std::fprintf(stderr,
+// ---- input --------------------------------------------------------------------------------------
+
+// --token-ids: whitespace-separated decimal token ids, each below the vocabulary size
+kvcache::result<std::vector<std::int32_t>> read_token_ids(const std::string& path, std::uint32_t vocab) {
+  std::ifstream in(path);
+  if (!in) return kvcache::status{kvcache::errc::system_error, "cannot read --token-ids file " + path};
+  std::vector<std::int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    char* end = nullptr;
+    const long long v = std::strtoll(word.c_str(), &end, 10);
+    if (*end != '\0' || v < 0 || v >= vocab)
+      return kvcache::status{kvcache::errc::invalid_argument,
+                             path + ": '" + word + "' is not a token id below " + std::to_string(vocab)};
+    ids.push_back(static_cast<std::int32_t>(v));
+  }
+  return ids;
+}
+
+// the tokens of a prefix of a text file long enough for `window` tokens
+kvcache::result<std::vector<std::int32_t>> read_text(const std::string& path, std::uint32_t window,
+                                                     const tokenizer& tok) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return kvcache::status{kvcache::errc::system_error, "cannot read " + path};
+  std::string text;
+  std::vector<char> buf(std::size_t{window} * 8 + 4096);
+  in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+  text.assign(buf.data(), static_cast<std::size_t>(in.gcount()));
+  if (in.gcount() == static_cast<std::streamsize>(buf.size())) {  // cut at a line end
+    const auto nl = text.rfind('\n');
+    if (nl != std::string::npos) text.resize(nl + 1);
+  }
+  return tok.encode(text);
+}
+
+int usage(std::FILE* to = stderr) {
+  std::fprintf(to,
                "usage: smollm [--model PATH] (--prompt TEXT [--max-new N] [--chat] | --ppl FILE [--window N] "
-               "[--chunk C] [--kl] | --bench-decode N [--context C] | --info)\n"
+               "[--chunk C] [--kl] [--token-ids FILE] [--dump-logits FILE] [--sweep SPECS] | --bench-decode N "
+               "[--context C] | --info)\n"
                "              [--policy keep_all|sink_window|heavy_hitter|snapkv] [--budget R | "
                "--budget-tokens N]\n"
-               "              [--quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2] [--threads N]\n");
-  return 2;
+               "              [--quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2] [--threads N] [--weights f16|f32]\n"
+               "  --sweep \"keep_all;heavy_hitter@0.25;snapkv@128t;keep_all/kivi4\": SPEC = "
+               "policy[@budget][/quant], all in lockstep (see the header of smollm.cpp)\n");
+  return to == stderr ? 2 : 0;
 }
 
 }  // namespace
@@ -299,14 +459,17 @@ int main(int argc, char** argv) {
     else if (a == "--max-new") o.max_new = num();
     else if (a == "--chat") o.chat = true;
     else if (a == "--ppl") o.ppl_file = val();
+    else if (a == "--token-ids") o.token_ids = val();
+    else if (a == "--dump-logits") o.dump_logits = val();
+    else if (a == "--sweep") o.sweep = val();
     else if (a == "--window") o.window = num();
     else if (a == "--chunk") o.chunk = std::max<std::uint32_t>(1, num());
     else if (a == "--bench-decode") o.bench = num();
     else if (a == "--context") o.context = std::max<std::uint32_t>(1, num());
-    else if (a == "--policy") o.policy = val();
-    else if (a == "--budget") o.budget = std::atof(val().c_str());
-    else if (a == "--budget-tokens") o.budget_tokens = num();
-    else if (a == "--quant") o.quant = val();
+    else if (a == "--policy") o.v.policy = val();
+    else if (a == "--budget") o.v.ratio = std::atof(val().c_str());
+    else if (a == "--budget-tokens") o.v.tokens = num();
+    else if (a == "--quant") o.v.quant = val();
     else if (a == "--threads") o.threads = num();
     else if (a == "--info") o.info = true;
     else if (a == "--kl") o.kl = true;
@@ -314,12 +477,38 @@ int main(int argc, char** argv) {
       const std::string wf = val();
       if (wf != "f16" && wf != "f32") return usage();
       o.weights_f32 = wf == "f32";
-    }
+    } else if (a == "-h" || a == "--help") return usage(stdout);
     else return usage();
   }
-  if (!(o.budget > 0 && o.budget <= 1)) {
+  if (!(o.v.ratio > 0 && o.v.ratio <= 1)) {
     std::fprintf(stderr, "smollm: --budget is a ratio in (0, 1]\n");
     return 2;
+  }
+  if (!o.token_ids.empty() && o.ppl_file.empty()) o.ppl_file = o.token_ids;  // --token-ids implies --ppl
+  if ((!o.dump_logits.empty() || !o.sweep.empty()) && o.ppl_file.empty()) {
+    std::fprintf(stderr, "smollm: --dump-logits and --sweep need --ppl or --token-ids\n");
+    return 2;
+  }
+  if (!o.dump_logits.empty() && !o.sweep.empty()) {
+    std::fprintf(stderr, "smollm: --dump-logits is for one configuration, not --sweep\n");
+    return 2;
+  }
+  std::vector<variant> variants;
+  if (!o.sweep.empty()) {
+    std::stringstream ss(o.sweep);
+    for (std::string spec; std::getline(ss, spec, ';');) {
+      if (spec.empty()) continue;
+      auto v = parse_variant(spec);
+      if (!v) {
+        std::fprintf(stderr, "smollm: --sweep %s\n", v.error().message().c_str());
+        return 2;
+      }
+      variants.push_back(*v);
+    }
+    if (variants.empty()) {
+      std::fprintf(stderr, "smollm: --sweep has no configuration\n");
+      return 2;
+    }
   }
   if (o.prompt.empty() && o.ppl_file.empty() && !o.bench && !o.info) return usage();
 
@@ -356,38 +545,30 @@ int main(int argc, char** argv) {
                o.model.c_str(), w->cfg.layers, w->cfg.hidden, w->cfg.heads, w->cfg.kv_heads, w->cfg.vocab,
                now_s() - t0);
   thread_pool pool(o.threads ? o.threads : std::max(1u, std::thread::hardware_concurrency()));
-  job j{o, *w, tok, pool, {}, 0};
+
   if (!o.ppl_file.empty()) {
-    std::ifstream in(o.ppl_file, std::ios::binary);
-    if (!in) {
-      std::fprintf(stderr, "smollm: cannot read %s\n", o.ppl_file.c_str());
+    auto ids = o.token_ids.empty() ? read_text(o.ppl_file, o.window, tok) : read_token_ids(o.token_ids, w->cfg.vocab);
+    if (!ids) {
+      std::fprintf(stderr, "smollm: %s\n", ids.error().message().c_str());
       return 1;
     }
-    // tokenize a prefix of the file that is long enough for the window
-    std::string text;
-    std::vector<char> buf(std::size_t{o.window} * 8 + 4096);
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    text.assign(buf.data(), static_cast<std::size_t>(in.gcount()));
-    if (in.gcount() == static_cast<std::streamsize>(buf.size())) {  // cut at a line end
-      const auto nl = text.rfind('\n');
-      if (nl != std::string::npos) text.resize(nl + 1);
-    }
-    j.ids = tok.encode(text);
-    if (j.ids.size() < 2) {
+    if (ids->size() < 2) {
       std::fprintf(stderr, "smollm: %s has fewer than 2 tokens\n", o.ppl_file.c_str());
       return 1;
     }
-    if (j.ids.size() < o.window)
-      std::fprintf(stderr, "smollm: the text has only %zu tokens\n", j.ids.size());
-    o.window = std::min<std::uint32_t>(o.window, static_cast<std::uint32_t>(j.ids.size()));
-    j.total = o.window;
-    j.ids.resize(o.window);
-  } else {
-    std::string p = o.prompt.empty() ? "In the beginning God created the heaven and the earth." : o.prompt;
-    if (o.chat) p = "<|im_start|>user\n" + p + "<|im_end|>\n<|im_start|>assistant\n";
-    j.ids = tok.encode(p, /*parse_special=*/true);
-    if (j.ids.empty()) j.ids.push_back(tok.bos >= 0 ? tok.bos : 0);
-    j.total = o.bench ? o.context + o.bench : static_cast<std::uint32_t>(j.ids.size()) + o.max_new;
+    if (ids->size() < o.window) std::fprintf(stderr, "smollm: the text has only %zu tokens\n", ids->size());
+    ids->resize(std::min<std::size_t>(o.window, ids->size()));
+    const auto n = static_cast<std::uint32_t>(ids->size());
+    if (variants.empty()) {
+      std::printf("policy %s, quant %s, budget %u of %u tokens, chunk %u, threads %u\n", o.v.policy.c_str(),
+                  o.v.quant.c_str(), o.v.policy == "keep_all" ? n : o.v.budget(n), n, o.chunk, pool.size());
+      return perplexity(o, *w, pool, *ids, {o.v}, false);
+    }
+    return perplexity(o, *w, pool, *ids, variants, true);
   }
-  return pick_policy(j);
+  std::string p = o.prompt.empty() ? "In the beginning God created the heaven and the earth." : o.prompt;
+  if (o.chat) p = "<|im_start|>user\n" + p + "<|im_end|>\n<|im_start|>assistant\n";
+  std::vector<std::int32_t> prompt = tok.encode(p, /*parse_special=*/true);
+  if (prompt.empty()) prompt.push_back(tok.bos >= 0 ? tok.bos : 0);
+  return o.bench ? bench_decode(o, *w, pool, prompt) : generate(o, *w, pool, tok, prompt);
 }

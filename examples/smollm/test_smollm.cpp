@@ -14,6 +14,9 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -342,6 +345,15 @@ void test_tokenizer() {
   CHECK(tokenizer::pre_tokenize("don't\n\nStop  ") == (V{"don", "'t", "\n", "\n", "Stop", "  "}), "pre_tokenize 2");
   CHECK(tokenizer::pre_tokenize("a ... b's") == (V{"a", " ...", " b", "'s"}), "pre_tokenize 3");
   CHECK(tokenizer::pre_tokenize("naïve café") == (V{"naïve", " café"}), "pre_tokenize 4 (non-ASCII letters)");
+  // Whitespace before a digit: llama.cpp splits the digits off first and runs `\s+(?!\S)` within each
+  // piece, so the whole run stays one pre-token (dict-devil, token 40,734: ".\n" + 12 spaces + "18").
+  const std::string sp12(12, ' ');
+  CHECK(tokenizer::pre_tokenize(".\n" + sp12 + "18") == (V{".", "\n" + sp12, "1", "8"}), "pre_tokenize 5 (\\n+spaces, digit)");
+  CHECK(tokenizer::pre_tokenize("a   5") == (V{"a", "   ", "5"}), "pre_tokenize 6 (spaces, digit)");
+  CHECK(tokenizer::pre_tokenize("x 5") == (V{"x", " ", "5"}), "pre_tokenize 7 (one space, digit)");
+  CHECK(tokenizer::pre_tokenize("\n\n2") == (V{"\n\n", "2"}), "pre_tokenize 8 (newlines, digit)");
+  CHECK(tokenizer::pre_tokenize("1  2\t 3") == (V{"1", "  ", "2", "\t ", "3"}), "pre_tokenize 9 (between digits)");
+  CHECK(tokenizer::pre_tokenize("\n   x") == (V{"\n  ", " x"}), "pre_tokenize 10 (before a letter: one given back)");
 
   V tokens = byte_symbols();  // ids 0..255
   const std::string G = tokens[' '];  // "Ġ"
@@ -510,12 +522,13 @@ std::vector<float> run_engine(const weights& W, const std::vector<std::int32_t>&
   kvcache::host_vmm_config vm;
   vm.pool_pages = 6 * std::size_t{cfg.geo.layers} * (std::size_t{cfg.max_tokens} * cfg.geo.token_bytes() / vm.page_size + 2);
   kvcache::cache<kvcache::host_vmm, Policy, Quant> kc(cfg, kvcache::host_vmm{vm}, std::move(policy), std::move(quant));
-  engine<decltype(kc)> e(W, kc, pool);
+  cache_sequence<decltype(kc)> seq(kc, W.cfg, pool);
+  engine e(W, pool);
   const std::uint32_t V = W.cfg.vocab;
   std::vector<float> logits(toks.size() * V);
   for (std::uint32_t at = 0; at < toks.size(); at += chunk) {
     const std::uint32_t m = std::min<std::uint32_t>(chunk, static_cast<std::uint32_t>(toks.size()) - at);
-    auto st = e.forward(toks.data() + at, m, logits.data() + std::size_t{at} * V, true);
+    auto st = e.forward(seq, toks.data() + at, m, logits.data() + std::size_t{at} * V, true);
     CHECK(st.ok(), "forward: %s", st.message().c_str());
     if (!st) break;
   }
@@ -546,10 +559,13 @@ void test_forward() {
   for (auto& x : toks) x = static_cast<std::int32_t>(rng() % 300);
   const auto ref = naive_forward(*w, toks);
   thread_pool pool(2);
+  const auto by_token = run_engine(*w, toks, 1, pool, kvcache::keep_all{});
   for (std::uint32_t chunk : {1u, 7u, 40u}) {
     const auto got = run_engine(*w, toks, chunk, pool, kvcache::keep_all{});
     const double e = max_rel(got, ref);
     CHECK(e < 1e-4, "keep_all, chunk %u: max error %g of the logits' range", chunk, e);
+    // the step size changes no bit (a quantized cache would amplify any difference)
+    CHECK(got == by_token, "keep_all, chunk %u: not bit-identical to token by token", chunk);
   }
   // A budget the sequence never reaches changes nothing.
   const auto sw = run_engine(*w, toks, 1, pool, kvcache::sink_window{4}, 40);
@@ -566,6 +582,8 @@ void test_forward() {
   CHECK(std::isfinite(max_rel(sk, ref)), "snapkv");
   // A quantized cache stays close (q8_0 keys/values).
   const auto q8 = run_engine(*w, toks, 5, pool, kvcache::keep_all{}, 0, kvcache::q8_0{});
+  CHECK(q8 == run_engine(*w, toks, 1, pool, kvcache::keep_all{}, 0, kvcache::q8_0{}),
+        "q8_0: chunk 5 is not bit-identical to token by token");
   const auto q4 = run_engine(*w, toks, 5, pool, kvcache::keep_all{}, 0, kvcache::q4_0{});
   std::printf("tiny model: max logit error of the K/V formats, relative to the logits' range: q8_0 %.2e, "
               "q4_0 %.2e\n", max_rel(q8, ref), max_rel(q4, ref));
@@ -579,12 +597,128 @@ void test_forward() {
     CHECK(max_rel(got16, ref16) < 1e-4, "f16 weights: %g", max_rel(got16, ref16));
     CHECK(max_rel(got16, ref) < 1e-2, "f16 vs f32 weights: %g", max_rel(got16, ref));
   }
+  // A batch of sequences of different cache types gives each sequence exactly what it gets alone
+  // (the tool's --sweep relies on it): one weight pass, per-sequence attention.
+  {
+    auto make_cfg = [&](std::uint32_t budget) {
+      kvcache::cache_config cfg;
+      cfg.geo = kv_geometry(w->cfg);
+      cfg.max_tokens = budget ? budget + 1 : static_cast<std::uint32_t>(toks.size());
+      cfg.budget = budget;
+      return cfg;
+    };
+    kvcache::host_vmm_config vm;
+    vm.pool_pages = 256;
+    using full_t = kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::passthrough>;
+    using sink_t = kvcache::cache<kvcache::host_vmm, kvcache::sink_window, kvcache::passthrough>;
+    using q8_t = kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::q8_0>;
+    using h2o_t = kvcache::cache<kvcache::host_vmm, kvcache::heavy_hitter<kvcache::attention_signal>, kvcache::passthrough>;
+    auto run = [&](bool batched) {
+      cache_sequence<full_t> a(std::make_unique<full_t>(make_cfg(0), kvcache::host_vmm{vm}), w->cfg, pool);
+      cache_sequence<sink_t> b(std::make_unique<sink_t>(make_cfg(12), kvcache::host_vmm{vm}, kvcache::sink_window{4}),
+                               w->cfg, pool);
+      cache_sequence<q8_t> c(std::make_unique<q8_t>(make_cfg(0), kvcache::host_vmm{vm}), w->cfg, pool);
+      cache_sequence<h2o_t> d(std::make_unique<h2o_t>(make_cfg(16), kvcache::host_vmm{vm},
+                                                      kvcache::heavy_hitter<kvcache::attention_signal>(hc)),
+                              w->cfg, pool);
+      kv_sequence* seqs[] = {&a, &b, &c, &d};
+      const std::uint32_t V = w->cfg.vocab;
+      std::vector<float> out(4 * toks.size() * V);
+      engine e(*w, pool);
+      for (std::uint32_t at = 0; at < toks.size(); ++at) {
+        std::vector<float> step(4 * V);
+        if (batched) {
+          const std::int32_t four[] = {toks[at], toks[at], toks[at], toks[at]};
+          CHECK(e.forward(std::span(seqs, 4), four, 1, step.data()).ok(), "batched forward");
+        } else {
+          for (std::size_t s = 0; s < 4; ++s) CHECK(e.forward(*seqs[s], &toks[at], 1, step.data() + s * V).ok(), "forward");
+        }
+        for (std::size_t s = 0; s < 4; ++s) std::copy_n(step.data() + s * V, V, out.data() + (s * toks.size() + at) * V);
+      }
+      CHECK(a.position() == static_cast<std::int64_t>(toks.size()), "position %lld", (long long)a.position());
+      CHECK(b.stats().entries_live < a.stats().entries_live, "the sink_window sequence evicted nothing");
+      return out;
+    };
+    const auto alone = run(false), batched = run(true);
+    CHECK(alone == batched, "a batch of 4 caches differs from the caches run alone");
+    CHECK(std::equal(alone.begin(), alone.begin() + static_cast<std::ptrdiff_t>(toks.size() * w->cfg.vocab), ref.begin(),
+                     [](float x, double y) { return std::fabs(x - y) < 1e-3 * std::max(1.0, std::fabs(y)); }),
+          "the keep_all sequence of the batch is not the naive forward pass");
+  }
+  {  // a token id out of range: an error naming it, and no sequence moved
+    kvcache::cache_config cfg;
+    cfg.geo = kv_geometry(w->cfg);
+    cfg.max_tokens = 8;
+    kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::passthrough> kc(cfg);
+    cache_sequence<decltype(kc)> s(kc, w->cfg, pool);
+    engine e(*w, pool);
+    const std::int32_t bad_tok[] = {1, 300};
+    const auto st = e.forward(s, bad_tok, 2, nullptr);
+    CHECK(!st.ok() && st.message().find("300") != std::string::npos && s.position() == 0 &&
+              kc.stats().entries_live == 0,
+          "bad token: %s", st.message().c_str());
+  }
   // A wrong shape is an error, not a crash.
   tiny bad = t;
   bad.tensors[3].dims = {128, 8};  // attn_q with 8 rows
   bad.tensors[3].values.resize(1024);
   auto fb = gguf::file::from_bytes(tiny_image(bad).bytes, "bad");
   CHECK(fb.ok() && !load(*fb).ok(), "wrong shape accepted");
+}
+
+// ---- model files on disk: missing, empty, truncated --------------------------------------------
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("smollm_test_" + std::to_string(::getpid()) + "_" + name)).string();
+}
+
+bool write_file(const std::string& path, const std::byte* data, std::size_t n) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(n));
+  return static_cast<bool>(out);
+}
+
+// A model file cut short (a download interrupted, a disk full) is a clear error from open(), not
+// a crash or garbage weights: for the synthetic model at many lengths, and for the real one.
+void test_model_files(const std::string& real_model) {
+  std::mt19937 rng(3);
+  const image img = tiny_image(make_tiny(rng));
+  const std::string path = temp_path("tiny.gguf");
+  CHECK(write_file(path, img.bytes.data(), img.bytes.size()), "write %s", path.c_str());
+  {
+    auto f = gguf::file::open(path);
+    CHECK(f.ok() && load(*f).ok(), "the whole synthetic model: %s", f.ok() ? "load failed" : f.error().message().c_str());
+  }
+  const std::size_t n = img.bytes.size();
+  std::size_t last_end = img.data_offset;  // the end of the last tensor's bytes (padding follows)
+  for (std::size_t k = 0; k < img.encoded.size(); ++k)
+    last_end += k + 1 < img.encoded.size() ? (img.encoded[k].size() + 31) / 32 * 32 : img.encoded[k].size();
+  for (const std::size_t cut : {std::size_t{0}, std::size_t{3}, img.first_tensor_info - 5, img.data_offset + 1,
+                                (img.data_offset + n) / 2, last_end - 1}) {
+    CHECK(write_file(path, img.bytes.data(), cut), "write %s", path.c_str());
+    auto f = gguf::file::open(path);
+    const std::string msg = f.ok() ? "" : f.error().message();
+    CHECK(!f.ok() && f.error().code() != kvcache::errc::system_error &&
+              (msg.find("truncated") != std::string::npos || msg.find("empty") != std::string::npos),
+          "synthetic model cut at %zu of %zu bytes: %s", cut, n, f.ok() ? "accepted" : msg.c_str());
+  }
+  std::filesystem::remove(path);
+
+  std::error_code ec;
+  const auto size = std::filesystem::file_size(real_model, ec);
+  if (ec) return;  // no real model: test_real_model says so
+  // the real model cut in the middle of its tensors: the error names the first tensor it misses
+  std::ifstream in(real_model, std::ios::binary);
+  std::vector<char> half(static_cast<std::size_t>(size / 2));
+  in.read(half.data(), static_cast<std::streamsize>(half.size()));
+  const std::string cut_path = temp_path("real_cut.gguf");
+  CHECK(write_file(cut_path, reinterpret_cast<const std::byte*>(half.data()), half.size()), "write %s", cut_path.c_str());
+  auto f = gguf::file::open(cut_path);
+  const std::string msg = f.ok() ? "" : f.error().message();
+  CHECK(!f.ok() && msg.find("tensor blk.") != std::string::npos && msg.find("outside the file") != std::string::npos,
+        "the real model cut in half: %s", f.ok() ? "accepted" : msg.c_str());
+  std::printf("real model cut in half: \"%s\"\n", msg.c_str());
+  std::filesystem::remove(cut_path);
 }
 
 // ---- 4. the real model, when it is in the cache folder -----------------------------------------
@@ -621,11 +755,14 @@ double perplexity(const weights& W, const std::vector<std::int32_t>& toks, threa
   return std::exp(nll / double(toks.size() - 1));
 }
 
-void test_real_model() {
+std::string real_model_path() {
   const char* xdg = std::getenv("XDG_CACHE_HOME");
   const char* home = std::getenv("HOME");
-  const std::string path = (xdg && *xdg ? std::string(xdg) : std::string(home ? home : ".") + "/.cache") +
-                           "/kvcache/SmolLM2-135M-Instruct.Q4_1.gguf";
+  return (xdg && *xdg ? std::string(xdg) : std::string(home ? home : ".") + "/.cache") +
+         "/kvcache/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+void test_real_model(const std::string& path) {
   auto f = gguf::file::open(path);
   if (!f) {  // missing: skip; present but unreadable (truncated, corrupt): a failure
     CHECK(f.error().code() == kvcache::errc::system_error, "the cached model is corrupt: %s",
@@ -661,7 +798,8 @@ int main() {
   test_reader();
   test_tokenizer();
   test_forward();
-  test_real_model();
+  test_model_files(real_model_path());
+  test_real_model(real_model_path());
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -4,8 +4,9 @@
 //!
 //! Pre-tokenizer: SmolLM2's (`tokenizer.ggml.pre = smollm`, llama.cpp's regexes
 //! `\p{N}` then `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`):
-//! every digit is its own piece, then GPT-2's split. Implemented by hand, without a Unicode
-//! database. Differences from the reference (none for ASCII text such as the KJV):
+//! every digit is its own piece, then GPT-2's split within each piece (so `\s+(?!\S)` takes a
+//! whole run of whitespace before a digit, as llama.cpp does). Implemented by hand, without a
+//! Unicode database. Differences from the reference (none for ASCII text such as the KJV):
 //!  - \p{L}: ASCII letters and every non-ASCII code point except those listed below;
 //!  - \p{N}: ASCII digits, ¹²³¼½¾; other Unicode digits (Arabic-Indic, fullwidth, ...) count as L;
 //!  - punctuation/symbols: ASCII ones, U+00A1..U+00BF (but ª µ º), × ÷, and U+2010..U+206F;
@@ -139,10 +140,12 @@ class tokenizer {
         i = j;
         continue;
       }
-      // whitespace: `\s+(?!\S)` leaves the last space for the next word, else `\s+`
+      // whitespace: `\s+(?!\S)` leaves the last space for the next word, else `\s+`. llama.cpp
+      // runs the second regex on each piece the `\p{N}` split left, so before a digit (the end of
+      // a piece) the lookahead sees nothing and the whole run is one pre-token.
       std::size_t e = i;
       while (e < n && classify(cps[e]) == cls::space) ++e;
-      if (e < n && e - i > 1) --e;  // followed by non-space: give one back
+      if (e < n && e - i > 1 && classify(cps[e]) != cls::digit) --e;  // followed by L/P: give one back
       emit(i, e);
       i = e;
     }
