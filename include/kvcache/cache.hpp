@@ -9,9 +9,29 @@
 //!
 //! Errors: every operation returns a `status` (or `result<T>`) naming what was wrong, and a
 //! failed operation leaves the cache exactly as it was. The constructor raises on a bad config.
-//! Thread safety: none inside one cache object; use one cache per thread, or serialize.
+//!
+//! Thread safety (docs/RELIABILITY.md):
+//! - one sequence is used by one thread at a time (append, observe, evict, view, fork of it as
+//!   the parent, close); different sequences may be used by different threads at once;
+//! - open, fork and close may run concurrently with each other and with operations on other
+//!   sequences: records live in stable storage (never relocated) and a short lock guards only
+//!   taking and freeing them, so the per-token calls take no cache-wide lock;
+//! - the memory backend (page pool) is shared and thread-safe (its own mutex);
+//! - a policy or quantizer object is shared by every sequence; one that is not an empty class
+//!   (scratch buffers, calibrated scales) and does not declare `concurrent_calls = true` has its
+//!   mutating calls serialized by a cache mutex (see `concurrent_calls_v`);
+//! - configuration and whole-cache reads (set_budget, stats, batch over sequences in use
+//!   elsewhere, check_invariants, state_digest) need the sequences they read to be quiet.
+//!
+//! Ownership: `open_sequence()` returns a move-only `sequence` handle that closes on destruction
+//! (sequence.hpp); raw `seq_id`s remain for engines that manage ids themselves (stale ids are
+//! detected by generation). Ranges and pages never leave the cache: each is released exactly once.
+//!
+//! With `KVCACHE_CHECK_INVARIANTS` defined (the whole program alike), every mutating call ends
+//! with an invariant check of what it touched (check.hpp) and aborts on a violation.
 #pragma once
 
+#include <kvcache/check.hpp>
 #include <kvcache/config.hpp>
 #include <kvcache/core/chunk.hpp>
 #include <kvcache/core/error.hpp>
@@ -27,10 +47,14 @@
 #include <kvcache/quant/quantizer.hpp>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <span>
 #include <string>
 #include <tuple>
@@ -124,7 +148,82 @@ template <class P, class = void>
 struct never_evicts : std::false_type {};
 template <class P>
 struct never_evicts<P, std::void_t<decltype(P::never_evicts)>> : std::bool_constant<P::never_evicts> {};
+
+//! Records that never move: segments of 64, 64, 128, 256, ... records, each allocated once. A
+//! new record (which may add a segment) therefore never relocates one another thread is using,
+//! and a lookup is two loads and no lock. Callers serialize grow().
+template <class T>
+class stable_table {
+ public:
+  stable_table() = default;
+  stable_table(stable_table&& o) noexcept : size_(o.size_.exchange(0, std::memory_order_relaxed)) {
+    for (std::size_t i = 0; i < segments; ++i)
+      seg_[i].store(o.seg_[i].exchange(nullptr, std::memory_order_relaxed), std::memory_order_relaxed);
+  }
+  stable_table& operator=(stable_table&&) = delete;
+  ~stable_table() {
+    for (auto& s : seg_) delete[] s.load(std::memory_order_relaxed);
+  }
+
+  [[nodiscard]] std::uint32_t size() const noexcept { return size_.load(std::memory_order_acquire); }
+  //! Precondition: i < size().
+  [[nodiscard]] T& operator[](std::uint32_t i) const noexcept {
+    const std::uint64_t j = std::uint64_t{i} + first;
+    const unsigned s = static_cast<unsigned>(std::bit_width(j)) - first_bits - 1;
+    return seg_[s].load(std::memory_order_acquire)[j - (first << s)];
+  }
+  //! Adds a default-constructed record and returns its index.
+  std::uint32_t grow() {
+    const std::uint32_t i = size_.load(std::memory_order_relaxed);
+    const std::uint64_t j = std::uint64_t{i} + first;
+    const unsigned s = static_cast<unsigned>(std::bit_width(j)) - first_bits - 1;
+    if (j == (first << s)) seg_[s].store(new T[first << s], std::memory_order_release);
+    size_.store(i + 1, std::memory_order_release);
+    return i;
+  }
+
+ private:
+  static constexpr unsigned first_bits = 6;
+  static constexpr std::uint64_t first = std::uint64_t{1} << first_bits;  // records in segment 0
+  static constexpr std::size_t segments = 27;  // 64 * (2^27 - 1) > 2^32 records
+  std::atomic<std::uint32_t> size_{0};
+  std::array<std::atomic<T*>, segments> seg_{};
+};
+
+//! The sequence records of a cache and what guards their structure.
+template <class Rec>
+struct seq_registry {
+  stable_table<Rec> recs;
+  std::vector<std::uint32_t> free;  // closed records, reused last in first out (under m)
+  std::atomic<std::size_t> open{0};
+  std::mutex m;  // taking, adding and freeing records (not per-token calls)
+  seq_registry() = default;
+  seq_registry(seq_registry&& o) noexcept
+      : recs(std::move(o.recs)), free(std::move(o.free)),
+        open(o.open.exchange(0, std::memory_order_relaxed)) {}
+};
+
+//! A mutex that a moved-to object gets afresh (mutexes do not move).
+struct fresh_mutex {
+  mutable std::mutex m;
+  fresh_mutex() = default;
+  fresh_mutex(fresh_mutex&&) noexcept {}
+};
+struct no_lock {};
+
+template <class T>
+concept declares_concurrent_calls = requires { requires static_cast<bool>(T::concurrent_calls); };
 }  // namespace detail
+
+//! True when the cache may call a policy's or quantizer's mutating members (select, observe,
+//! on_append, encode, calibrate) for different sequences at once: empty classes, and types
+//! that declare `static constexpr bool concurrent_calls = true` (their per-call scratch is
+//! per state or per thread). Otherwise the cache serializes those calls with one mutex.
+template <class T>
+inline constexpr bool concurrent_calls_v = std::is_empty_v<T> || detail::declares_concurrent_calls<T>;
+
+template <class Cache>
+class sequence;  // sequence.hpp: the owning handle
 
 //! @tparam Memory   where bytes live: `host_vmm`, `heap_memory` (or a CUDA backend)
 //! @tparam Eviction which tokens stay: `keep_all`, `sink_window`, ...
@@ -139,6 +238,9 @@ class cache {
   //! True when the policy consumes signal S (engines can skip computing what is not consumed).
   template <class S>
   static constexpr bool consumes = signals::template contains<S>;
+
+  //! True when calls into the policy or quantizer are serialized (see concurrent_calls_v).
+  static constexpr bool serializes_calls = !(concurrent_calls_v<Eviction> && concurrent_calls_v<Quant>);
 
   explicit cache(const cache_config& cfg, Memory memory = Memory{}, Eviction policy = Eviction{},
                  Quant quant = Quant{})
@@ -211,6 +313,7 @@ class cache {
 
   //! Tokens each head of `layer` keeps after evict() (clears the layer's per-head budgets).
   status set_budget(std::uint32_t layer, std::uint32_t tokens) {
+    [[maybe_unused]] const invariant_guard guard(*this, "set_budget");
     KVCACHE_TRY(check_layer(layer));
     KVCACHE_TRY(check_budget(tokens));
     budget_[layer] = tokens;
@@ -220,6 +323,7 @@ class cache {
   }
   //! The same budget for every layer (clears per-head budgets).
   status set_budget(std::uint32_t tokens) {
+    [[maybe_unused]] const invariant_guard guard(*this, "set_budget");
     KVCACHE_TRY(check_budget(tokens));
     budget_.assign(budget_.size(), tokens);
     head_budget_.clear();
@@ -227,6 +331,7 @@ class cache {
   }
   //! Per-head budgets of one layer, `[kv_heads]` (all checked before any is set).
   status set_budget(std::uint32_t layer, std::span<const std::uint32_t> per_head) {
+    [[maybe_unused]] const invariant_guard guard(*this, "set_budget");
     KVCACHE_TRY(check_layer(layer));
     if (per_head.size() != cfg_.geo.kv_heads)
       return {errc::invalid_budget, "set_budget: " + std::to_string(per_head.size()) +
@@ -252,21 +357,21 @@ class cache {
   //! Opens a sequence. `expected_tokens` (e.g. the prompt length) guides the best-fit reuse of
   //! ranges released by finished sequences; 0 = unknown (reuse the most mapped).
   result<seq_id> open(std::uint32_t expected_tokens = 0) {
+    [[maybe_unused]] invariant_guard guard(*this, "open");
     const std::size_t expected = std::min(expected_tokens, cfg_.max_tokens);
     const std::size_t hint = cfg_.order == layout::token_major
                                  ? expected * slot_stride_
                                  : cfg_.geo.kv_heads * round_up(expected * code_bytes_,
                                                                 memory_.granularity());
-    seq_rec rec;
-    rec.layers.resize(cfg_.geo.layers);
+    std::vector<layer_rec> layers(cfg_.geo.layers);
     for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
-      auto& L = rec.layers[l];
+      auto& L = layers[l];
       L.layer = l;
       L.table = slot_table(cfg_.geo.kv_heads, cfg_.max_tokens);
       L.state = policy_.make_state(policy_context{cfg_.geo, l, cfg_.max_tokens});
       if (l > 0 && shares_ranges()) {  // the layers of a sequence share its two ranges
-        L.k = rec.layers[0].k;
-        L.v = rec.layers[0].v;
+        L.k = layers[0].k;
+        L.v = layers[0].v;
         L.off = l * layer_stride_;
         continue;
       }
@@ -275,7 +380,7 @@ class cache {
       auto v = k ? memory_.acquire(range_bytes_, hint) : result<range_id>(k.error());
       if (v) L.v = *v;
       if (!k || !v) {
-        release_ranges(rec);
+        release_ranges(layers);
         return k ? v.error() : k.error();
       }
       if (scale_bytes_) {  // out-of-band metadata: a range of its own beside each of K and V
@@ -285,58 +390,69 @@ class cache {
         auto vs = ks ? memory_.acquire(scale_range_bytes_, shint) : result<range_id>(ks.error());
         if (vs) L.vs = *vs;
         if (!ks || !vs) {
-          release_ranges(rec);
+          release_ranges(layers);
           return ks ? vs.error() : ks.error();
         }
       }
       if constexpr (quant_token_grouped<Quant>()) {
         auto kr = memory_.acquire(residual_bytes_, residual_bytes_);
         if (!kr) {
-          release_ranges(rec);
+          release_ranges(layers);
           return kr.error();
         }
         L.kr = *kr;
         L.qend.assign(cfg_.geo.kv_heads, 0u);
       }
     }
-    return install(std::move(rec));
+    bind_bases(layers);
+    return guard.track(install(std::move(layers)));
   }
 
   //! Closes a sequence; its ranges go back to the memory backend (kept mapped for reuse where the
   //! backend defers reclamation).
   status close(seq_id s) {
+    [[maybe_unused]] const invariant_guard guard(*this, "close");
     KVCACHE_TRY(check_seq(s, "close"));
-    auto& rec = seqs_[s.index];
-    release_ranges(rec);
+    auto& rec = reg_.recs[s.index];
+    release_ranges(rec.layers);  // each range exactly once: release_ranges forgets their ids
     rec.layers.clear();
-    rec.open = false;
-    ++rec.generation;
-    free_seqs_.push_back(s.index);
-    --open_count_;
+    const std::lock_guard<std::mutex> lock(reg_.m);
+    rec.open.store(false, std::memory_order_release);
+    rec.generation.fetch_add(1, std::memory_order_release);  // stale ids stop matching
+    reg_.free.push_back(s.index);
+    reg_.open.fetch_sub(1, std::memory_order_relaxed);
     return {};
+  }
+
+  //! Opens a sequence owned by a handle that closes it on destruction (sequence.hpp).
+  result<sequence<cache>> open_sequence(std::uint32_t expected_tokens = 0) {
+    auto id = open(expected_tokens);
+    if (!id) return id.error();
+    return sequence<cache>(*this, *id);
   }
 
   //! A new sequence holding the same tokens as `parent`, sharing its memory where the backend
   //! can (copy-on-write pages); policy state and slot maps are copied.
   result<seq_id> fork(seq_id parent) {
+    [[maybe_unused]] invariant_guard guard(*this, "fork");
     KVCACHE_TRY(check_seq(parent, "fork"));
-    seq_rec rec;
-    rec.layers.reserve(cfg_.geo.layers);
-    const auto& parent_layers = seqs_[parent.index].layers;
+    std::vector<layer_rec> layers;
+    layers.reserve(cfg_.geo.layers);
+    const auto& parent_layers = reg_.recs[parent.index].layers;
     std::uint32_t top_rows = 0;  // shared ranges: the rows any layer uses
     for (const auto& P : parent_layers) top_rows = std::max(top_rows, P.table.rows());
     for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
       const auto& P = parent_layers[l];
       if (l > 0 && shares_ranges()) {
         layer_rec L;
-        L.k = rec.layers[0].k;
-        L.v = rec.layers[0].v;
+        L.k = layers[0].k;
+        L.v = layers[0].v;
         L.off = P.off;
         L.layer = l;
         L.table = P.table;
         L.state = P.state;
         L.seen = P.seen;
-        rec.layers.push_back(std::move(L));
+        layers.push_back(std::move(L));
         continue;
       }
       const std::size_t used =
@@ -349,8 +465,8 @@ class cache {
       auto v = k ? memory_.fork(P.v, used) : result<range_id>(k.error());
       if (v) L.v = *v;
       if (!k || !v) {
-        rec.layers.push_back(std::move(L));
-        release_ranges(rec);
+        layers.push_back(std::move(L));
+        release_ranges(layers);
         return k ? v.error() : k.error();
       }
       if (scale_bytes_) {
@@ -362,16 +478,16 @@ class cache {
         auto vs = ks ? memory_.fork(P.vs, sused) : result<range_id>(ks.error());
         if (vs) L.vs = *vs;
         if (!ks || !vs) {
-          rec.layers.push_back(std::move(L));
-          release_ranges(rec);
+          layers.push_back(std::move(L));
+          release_ranges(layers);
           return ks ? vs.error() : ks.error();
         }
       }
       if constexpr (quant_token_grouped<Quant>()) {
         auto kr = memory_.fork(P.kr, residual_bytes_);
         if (!kr) {
-          rec.layers.push_back(std::move(L));
-          release_ranges(rec);
+          layers.push_back(std::move(L));
+          release_ranges(layers);
           return kr.error();
         }
         L.kr = *kr;
@@ -381,15 +497,21 @@ class cache {
       L.table = P.table;
       L.state = P.state;
       L.seen = P.seen;
-      rec.layers.push_back(std::move(L));
+      layers.push_back(std::move(L));
     }
-    return install(std::move(rec));
+    bind_bases(layers);
+    return guard.track(install(std::move(layers)));
   }
 
   [[nodiscard]] bool is_open(seq_id s) const noexcept {
-    return s.index < seqs_.size() && seqs_[s.index].open && seqs_[s.index].generation == s.generation;
+    if (s.index >= reg_.recs.size()) return false;
+    const auto& r = reg_.recs[s.index];
+    return r.open.load(std::memory_order_acquire) &&
+           r.generation.load(std::memory_order_relaxed) == s.generation;
   }
-  [[nodiscard]] std::size_t sequences() const noexcept { return open_count_; }
+  [[nodiscard]] std::size_t sequences() const noexcept {
+    return reg_.open.load(std::memory_order_relaxed);
+  }
 
   //! True when the memory backend maps ahead on a background thread (`map_ahead` does work).
   static constexpr bool maps_ahead = requires(Memory& m, std::span<const write_request> r) {
@@ -409,10 +531,11 @@ class cache {
                    std::size_t max_pages = 0) {
     for (const auto& s : seqs) KVCACHE_TRY(check_seq(s, "map_ahead"));
     if constexpr (maps_ahead) {
-      requests_.clear();
+      const std::lock_guard<std::mutex> lock(ahead_.m);  // its scratch (engines call it once a step)
+      ahead_requests_.clear();
       for (const auto& s : seqs)
-        for (const auto& L : seqs_[s.index].layers) ahead_requests(L, steps);
-      return memory_.map_ahead(requests_, max_pages);
+        for (const auto& L : reg_.recs[s.index].layers) ahead_requests(L, steps, ahead_requests_);
+      return memory_.map_ahead(ahead_requests_, max_pages);
     } else {
       (void)steps;
       (void)max_pages;
@@ -431,6 +554,7 @@ class cache {
   //! its evicted slots first, then at its frontier. Fails with capacity_exceeded when a head has
   //! fewer free slots than tokens (call evict() first), out_of_pages when memory runs out.
   status append(seq_id s, std::uint32_t layer, const kv_tensor& k, const kv_tensor& v) {
+    [[maybe_unused]] const invariant_guard guard(*this, "append", s, layer);
     KVCACHE_TRY(check_seq(s, "append"));
     KVCACHE_TRY(check_layer(layer));
     KVCACHE_TRY(check_tensor(k, "k"));
@@ -440,7 +564,9 @@ class cache {
                                         " tokens but v has " + std::to_string(v.tokens)};
     const std::uint32_t n = k.tokens;
     if (n == 0) return {};
-    auto& L = seqs_[s.index].layers[layer];
+    auto& rec = reg_.recs[s.index];
+    auto& L = rec.layers[layer];
+    auto& sc = rec.sc;  // this sequence's scratch: appends to other sequences may run meanwhile
     const std::uint32_t H = cfg_.geo.kv_heads;
     if (L.seen + n > std::numeric_limits<std::int32_t>::max())
       return {errc::capacity_exceeded, "append: positions beyond 2^31-1"};
@@ -461,53 +587,55 @@ class cache {
     // Plan where every (token, head) goes, and the contiguous copies that puts them there.
     // Fast path: token-major with no holes and one frontier: one copy into consecutive rows.
     const bool rows_path = cfg_.order == layout::token_major && L.table.aligned();
-    assign_.resize(std::size_t{n} * H);
+    sc.assign.resize(std::size_t{n} * H);
     if (rows_path) {
       const std::uint32_t f = L.table.frontier(0);
       for (std::uint32_t i = 0; i < n; ++i)
-        std::fill_n(assign_.begin() + std::size_t{i} * H, H, f + i);
+        std::fill_n(sc.assign.begin() + std::size_t{i} * H, H, f + i);
       if (!shares_ranges()) {
-        chunks_.assign(1, chunk{std::size_t{f} * slot_stride_, 0, std::size_t{n} * H});
+        sc.chunks.assign(1, chunk{std::size_t{f} * slot_stride_, 0, std::size_t{n} * H});
       } else {  // rows of one layer are a slot stride apart: a chunk per token
-        chunks_.clear();
+        sc.chunks.clear();
         for (std::uint32_t i = 0; i < n; ++i)
-          chunks_.push_back({(std::size_t{f} + i) * slot_stride_ + L.off, std::size_t{i} * H, H});
+          sc.chunks.push_back({(std::size_t{f} + i) * slot_stride_ + L.off, std::size_t{i} * H, H});
       }
     } else {
       for (std::uint32_t i = 0; i < n; ++i)
-        for (std::uint32_t h = 0; h < H; ++h) assign_[std::size_t{i} * H + h] = L.table.peek(h, i);
-      plan_chunks(n, L.off);
+        for (std::uint32_t h = 0; h < H; ++h) sc.assign[std::size_t{i} * H + h] = L.table.peek(h, i);
+      plan_chunks(sc, n, L.off);
     }
-    requests_.clear();
-    for (const auto& c : chunks_) {
+    sc.requests.clear();
+    for (const auto& c : sc.chunks) {
       const std::size_t end = c.dst + c.rows * code_bytes_;
-      requests_.push_back({L.k, c.dst, end});
-      requests_.push_back({L.v, c.dst, end});
+      sc.requests.push_back({L.k, c.dst, end});
+      sc.requests.push_back({L.v, c.dst, end});
       if (scale_bytes_) {
         const std::size_t sb = scale_offset(c.dst), se = sb + c.rows * scale_bytes_;
-        requests_.push_back({L.ks, sb, se});
-        requests_.push_back({L.vs, sb, se});
+        sc.requests.push_back({L.ks, sb, se});
+        sc.requests.push_back({L.vs, sb, se});
       }
     }
     if constexpr (quant_token_grouped<Quant>()) {
       // the residual window, and the key metadata of every group the append can complete
-      requests_.push_back({L.kr, 0, std::size_t{Quant::residual} * cfg_.geo.token_bytes()});
+      sc.requests.push_back({L.kr, 0, std::size_t{Quant::residual} * cfg_.geo.token_bytes()});
       std::uint32_t top = 0;
       for (std::uint32_t h = 0; h < H; ++h) top = std::max(top, L.table.frontier(h) + n);
       const std::size_t groups = std::min<std::size_t>(top, cfg_.max_tokens) / Quant::group;
       if (groups)
-        requests_.push_back(
+        sc.requests.push_back(
             {L.ks, 0, std::min(scale_range_bytes_, groups * H * Quant::key_meta_bytes(cfg_.geo))});
     }
-    KVCACHE_TRY(memory_.prepare(requests_));  // the only step that can fail: nothing changed yet
+    KVCACHE_TRY(memory_.prepare(sc.requests));  // the only step that can fail: nothing changed yet
 
-    std::byte* kb = memory_.data(L.k);
-    std::byte* vb = memory_.data(L.v);
-    std::byte* ksb = scale_bytes_ ? memory_.data(L.ks) : nullptr;
-    std::byte* vsb = scale_bytes_ ? memory_.data(L.vs) : nullptr;
+    std::byte* kb = base(L.k, L.kp);
+    std::byte* vb = base(L.v, L.vp);
+    std::byte* ksb = scale_bytes_ ? base(L.ks, L.ksp) : nullptr;
+    std::byte* vsb = scale_bytes_ ? base(L.vs, L.vsp) : nullptr;
     const std::size_t src_row = cfg_.geo.head_bytes();
     const auto* ks = static_cast<const std::byte*>(k.data);
     const auto* vs = static_cast<const std::byte*>(v.data);
+    // a quantizer or policy with state of its own is shared by all sequences
+    [[maybe_unused]] const auto serial = serialize();
     // formats with calibrated state (fp8 scales from the first append) see the whole append
     quant_calibrate(quant_, k.data, n, cfg_.geo, quant_context{layer, kv_part::k, 0});
     quant_calibrate(quant_, v.data, n, cfg_.geo, quant_context{layer, kv_part::v, 0});
@@ -519,11 +647,11 @@ class cache {
     };
     if constexpr (batched && !quant_token_grouped<Quant>()) {
       if (!scale_bytes_) {
-        quant_.encode_chunks(ks, vs, std::span<const row_chunk>(chunks_), cfg_.geo, kb, vb);
-        chunks_.clear();  // done: skip the per-chunk loop
+        quant_.encode_chunks(ks, vs, std::span<const row_chunk>(sc.chunks), cfg_.geo, kb, vb);
+        sc.chunks.clear();  // done: skip the per-chunk loop
       }
     }
-    for (const auto& c : chunks_) {
+    for (const auto& c : sc.chunks) {
       const std::uint32_t h0 = head_of(c.dst);
       const std::size_t so = scale_offset(c.dst);
       if constexpr (!quant_token_grouped<Quant>())
@@ -532,7 +660,7 @@ class cache {
       quant_.encode(vs + c.src * src_row, c.rows, cfg_.geo, vb + c.dst, vsb ? vsb + so : nullptr,
                     quant_context{layer, kv_part::v, h0});
     }
-    if constexpr (quant_token_grouped<Quant>()) write_grouped_keys(L, ks, n);
+    if constexpr (quant_token_grouped<Quant>()) write_grouped_keys(L, sc, ks, n);
     const std::int64_t first = L.seen;
     if (rows_path) {
       L.table.place_rows(n, static_cast<std::int32_t>(first));
@@ -541,12 +669,12 @@ class cache {
         for (std::uint32_t h = 0; h < H; ++h) {
           [[maybe_unused]] const std::uint32_t slot =
               L.table.place(h, static_cast<std::int32_t>(first + i));
-          KVCACHE_ASSERT(slot == assign_[std::size_t{i} * H + h]);
+          KVCACHE_ASSERT(slot == sc.assign[std::size_t{i} * H + h]);
         }
     }
     L.seen += n;
-    if constexpr (quant_token_grouped<Quant>()) flush_key_groups(L);
-    policy_.on_append(L.state, L.table, placement{assign_, H, n, first});
+    if constexpr (quant_token_grouped<Quant>()) flush_key_groups(L, sc);
+    policy_.on_append(L.state, L.table, placement{sc.assign, H, n, first});
     return {};
   }
 
@@ -557,12 +685,14 @@ class cache {
     static_assert((is_signal<S> && ...), "kvcache: observe() takes kvcache signal structs only");
     static_assert((detail::signal_is_consumed<Eviction, S>::value && ...));
     static_assert(detail::all_signals_given<signals, S...>::value);
+    [[maybe_unused]] const invariant_guard guard(*this, "observe", s, layer);
     KVCACHE_TRY(check_seq(s, "observe"));
     KVCACHE_TRY(check_layer(layer));
-    auto& L = seqs_[s.index].layers[layer];
+    auto& L = reg_.recs[s.index].layers[layer];
     status st;
     ((st.ok() ? (st = check_signal(L, sigs)) : st), ...);
     KVCACHE_TRY(st);
+    [[maybe_unused]] const auto serial = serialize();
     if constexpr (detail::has_joint_observe<Eviction, signals>::value) {
       // One call with every signal (in the policy's order) and read access to the cached keys.
       const key_reader_ctx ctx{make_view(L), &quant_,
@@ -582,6 +712,7 @@ class cache {
   //! rule (`target()`: H2O's ratio of the prompt, ScaleKV's per-scale table, SnapKV's one-shot
   //! compression) choose each head's target given its budget; the cache evicts down to it.
   status evict(seq_id s, std::uint32_t layer, std::uint32_t reserve = 0) {
+    [[maybe_unused]] invariant_guard guard(*this, "evict", s, layer);
     KVCACHE_TRY(check_seq(s, "evict"));
     KVCACHE_TRY(check_layer(layer));
     for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
@@ -590,13 +721,22 @@ class cache {
                                             " exceeds the budget " +
                                             std::to_string(budget(layer, h)) + " of kv head " +
                                             std::to_string(h)};
-    evict_layer(seqs_[s.index].layers[layer], layer, reserve);
+    auto& rec = reg_.recs[s.index];
+    [[maybe_unused]] const auto serial = serialize();
+    rec.sc.short_heads = 0;
+    evict_layer(rec.layers[layer], rec.sc, layer, reserve);
+    guard.evicted(reserve);
     return {};
   }
   //! evict() on every layer.
   status evict(seq_id s) {
+    [[maybe_unused]] invariant_guard guard(*this, "evict", s);
     KVCACHE_TRY(check_seq(s, "evict"));
-    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) evict_layer(seqs_[s.index].layers[l], l, 0);
+    auto& rec = reg_.recs[s.index];
+    [[maybe_unused]] const auto serial = serialize();
+    rec.sc.short_heads = 0;
+    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) evict_layer(rec.layers[l], rec.sc, l, 0);
+    guard.evicted(0);
     return {};
   }
 
@@ -605,7 +745,7 @@ class cache {
   result<layer_view> view(seq_id s, std::uint32_t layer) const {
     KVCACHE_TRY(check_seq(s, "view"));
     KVCACHE_TRY(check_layer(layer));
-    return make_view(seqs_[s.index].layers[layer]);
+    return make_view(reg_.recs[s.index].layers[layer]);
   }
 
   //! One layer of many sequences (pointer arrays + lengths, as varlen kernels take them).
@@ -616,7 +756,7 @@ class cache {
     fill_format(b);
     b.cu_rows.push_back(0);
     for (const auto& s : seqs) {
-      const auto& L = seqs_[s.index].layers[layer];
+      const auto& L = reg_.recs[s.index].layers[layer];
       b.k.push_back(memory_.data(L.k) + L.off);
       b.v.push_back(memory_.data(L.v) + L.off);
       if (const auto [ksc, vsc] = scale_data(L); ksc) {
@@ -634,10 +774,11 @@ class cache {
   [[nodiscard]] cache_stats stats() const {
     cache_stats st;
     st.memory = memory_.stats();
-    st.sequences = open_count_;
+    st.sequences = sequences();
     const std::size_t per_entry = 2 * (code_bytes_ + quant_.scale_bytes(cfg_.geo));
-    for (const auto& rec : seqs_) {
-      if (!rec.open) continue;
+    for (std::uint32_t i = 0; i < reg_.recs.size(); ++i) {
+      const auto& rec = reg_.recs[i];
+      if (!rec.open.load(std::memory_order_acquire)) continue;
       for (const auto& L : rec.layers) {
         st.entries_live += L.table.live_total();
         std::uint64_t below = 0;
@@ -661,38 +802,111 @@ class cache {
     std::uint32_t layer = 0;  // index of this layer (shared per-layer scales)
     std::size_t off = 0;      // byte offset of the layer in k and v (range_scope::per_sequence)
     range_id kr = no_range;   // token-grouped keys: full-precision residual window
+    // base addresses of k, v, ks, vs where the backend never moves them (stable_bases): the
+    // append path then skips the backend's lock
+    std::byte* kp = nullptr;
+    std::byte* vp = nullptr;
+    std::byte* ksp = nullptr;
+    std::byte* vsp = nullptr;
     std::vector<std::uint32_t> qend;  // token-grouped keys: per head, slots below are quantized
     slot_table table;
     typename Eviction::state state{};
     std::int64_t seen = 0;
   };
+  using chunk = row_chunk;
+  // Per sequence, so that calls on different sequences share no buffer; kept between calls so
+  // the hot path does not allocate.
+  struct scratch {
+    std::vector<std::uint32_t> assign;
+    std::vector<chunk> chunks;
+    std::vector<write_request> requests;
+    std::vector<std::uint32_t> victims;
+    std::vector<float> key_group;  // one key group in fp32 (token-grouped keys)
+    std::uint32_t short_heads = 0;  // heads the last evict() left above target (policy declined)
+  };
   struct seq_rec {
     std::vector<layer_rec> layers;
-    std::uint32_t generation = 0;
-    bool open = false;
+    std::atomic<std::uint32_t> generation{0};
+    std::atomic<bool> open{false};
+    scratch sc;
   };
-  using chunk = row_chunk;
+  friend struct detail::cache_access;  // check_invariants, state_digest (check.hpp)
+  friend struct detail::test_access;   // tests that break invariants on purpose
+
+  // Runs the invariant check of what a mutating call touched when it returns (on success and
+  // on error alike), with KVCACHE_CHECK_INVARIANTS; an empty object otherwise.
+  struct invariant_guard {
+#if defined(KVCACHE_CHECK_INVARIANTS)
+    const cache& c;
+    const char* op;
+    seq_id s{};
+    std::uint32_t layer = ~std::uint32_t{0};  // all layers
+    bool evict = false;
+    std::uint32_t reserve = 0;
+    invariant_guard(const cache& c_, const char* op_, seq_id s_ = {},
+                    std::uint32_t layer_ = ~std::uint32_t{0}) noexcept
+        : c(c_), op(op_), s(s_), layer(layer_) {}
+    invariant_guard(const invariant_guard&) = delete;
+    ~invariant_guard() { detail::cache_access::verify(c, op, s, layer, evict, reserve); }
+    seq_id track(seq_id id) noexcept { return s = id; }
+    void evicted(std::uint32_t r) noexcept { evict = true, reserve = r; }
+#else
+    constexpr invariant_guard(const cache&, const char*, seq_id = {}, std::uint32_t = 0) noexcept {}
+    static constexpr seq_id track(seq_id id) noexcept { return id; }
+    static constexpr void evicted(std::uint32_t) noexcept {}
+#endif
+  };
+
+  // Held around calls into a policy or quantizer that keeps state shared by all sequences.
+  [[nodiscard]] auto serialize() const {
+    if constexpr (serializes_calls) return std::unique_lock<std::mutex>(serial_.m);
+    else return detail::no_lock{};
+  }
 
   [[nodiscard]] bool shares_ranges() const noexcept {
     return cfg_.ranges == range_scope::per_sequence;
   }
 
-  seq_id install(seq_rec&& rec) {
-    rec.open = true;
-    ++open_count_;
-    if (!free_seqs_.empty()) {
-      const std::uint32_t i = free_seqs_.back();
-      free_seqs_.pop_back();
-      rec.generation = seqs_[i].generation;
-      seqs_[i] = std::move(rec);
-      return seq_id{i, seqs_[i].generation};
+  //! True when a range's base address is fixed for its life (virtual-memory backends), so the
+  //! cache may keep it instead of asking the backend (a mutex) on every append.
+  static constexpr bool stable_bases = requires { requires static_cast<bool>(Memory::stable_data); };
+
+  void bind_bases(std::vector<layer_rec>& layers) const {
+    if constexpr (stable_bases) {
+      for (auto& L : layers) {
+        L.kp = memory_.data(L.k);
+        L.vp = memory_.data(L.v);
+        if (L.ks != no_range) L.ksp = memory_.data(L.ks);
+        if (L.vs != no_range) L.vsp = memory_.data(L.vs);
+      }
+    } else {
+      (void)layers;
     }
-    seqs_.push_back(std::move(rec));
-    return seq_id{static_cast<std::uint32_t>(seqs_.size() - 1), 0};
+  }
+  [[nodiscard]] std::byte* base(range_id r, std::byte* kept) const noexcept {
+    if constexpr (stable_bases) return kept;
+    else return (void)kept, memory_.data(r);
   }
 
-  void release_ranges(seq_rec& rec) {
-    for (auto& L : rec.layers) {
+  // Publishes a record for the layers; its id keeps the record's generation (bumped at close).
+  seq_id install(std::vector<layer_rec>&& layers) {
+    const std::lock_guard<std::mutex> lock(reg_.m);
+    std::uint32_t i;
+    if (!reg_.free.empty()) {
+      i = reg_.free.back();
+      reg_.free.pop_back();
+    } else {
+      i = reg_.recs.grow();
+    }
+    auto& rec = reg_.recs[i];
+    rec.layers = std::move(layers);
+    rec.open.store(true, std::memory_order_release);  // after the layers: readers see them
+    reg_.open.fetch_add(1, std::memory_order_relaxed);
+    return seq_id{i, rec.generation.load(std::memory_order_relaxed)};
+  }
+
+  void release_ranges(std::vector<layer_rec>& layers) {
+    for (auto& L : layers) {
       if (L.off != 0) {  // a layer of shared ranges: layer 0 owns them
         L.k = L.v = no_range;
         continue;
@@ -708,24 +922,24 @@ class cache {
 
   // Bytes the next `steps` tokens of one layer may be written to: the rows above each head's
   // frontier (holes are below it, hence mapped already).
-  void ahead_requests(const layer_rec& L, std::uint32_t steps) {
+  void ahead_requests(const layer_rec& L, std::uint32_t steps, std::vector<write_request>& out) {
     const auto rows_end = [&](std::uint32_t frontier) {
       return std::min<std::size_t>(std::size_t{frontier} + steps, cfg_.max_tokens);
     };
     auto add = [&](std::size_t begin, std::size_t end) {
       if (begin >= end) return;
-      requests_.push_back({L.k, begin, end});
-      requests_.push_back({L.v, begin, end});
+      out.push_back({L.k, begin, end});
+      out.push_back({L.v, begin, end});
       if (scale_bytes_) {  // per-row metadata, laid out like the codes
         if (!quant_token_grouped<Quant>())
-          requests_.push_back({L.ks, scale_offset(begin), scale_offset(end)});
-        requests_.push_back({L.vs, scale_offset(begin), scale_offset(end)});
+          out.push_back({L.ks, scale_offset(begin), scale_offset(end)});
+        out.push_back({L.vs, scale_offset(begin), scale_offset(end)});
       }
     };
     if constexpr (quant_token_grouped<Quant>()) {  // KIVI: the key metadata of the next groups
       const std::size_t groups = rows_end(L.table.rows()) / Quant::group;
       if (groups)
-        requests_.push_back({L.ks, 0,
+        out.push_back({L.ks, 0,
                              std::min(scale_range_bytes_,
                                       groups * cfg_.geo.kv_heads * Quant::key_meta_bytes(cfg_.geo))});
     }
@@ -744,21 +958,21 @@ class cache {
   }
 
   // Contiguous copies for the planned assignment, merged where both sides are contiguous.
-  void plan_chunks(std::uint32_t n, std::size_t off) {
-    chunks_.clear();
+  void plan_chunks(scratch& sc, std::uint32_t n, std::size_t off) {
+    sc.chunks.clear();
     const std::uint32_t H = cfg_.geo.kv_heads;
     auto add = [&](std::size_t dst, std::size_t src, std::size_t rows) {
-      if (!chunks_.empty()) {
-        auto& c = chunks_.back();
+      if (!sc.chunks.empty()) {
+        auto& c = sc.chunks.back();
         if (c.dst + c.rows * code_bytes_ == dst && c.src + c.rows == src) {
           c.rows += rows;
           return;
         }
       }
-      chunks_.push_back({dst, src, rows});
+      sc.chunks.push_back({dst, src, rows});
     };
     for (std::uint32_t i = 0; i < n; ++i) {
-      const std::uint32_t* a = &assign_[std::size_t{i} * H];
+      const std::uint32_t* a = &sc.assign[std::size_t{i} * H];
       bool same = cfg_.order == layout::token_major;
       for (std::uint32_t h = 1; same && h < H; ++h) same = a[h] == a[0];
       if (same) {
@@ -770,9 +984,10 @@ class cache {
     }
   }
 
-  void evict_layer(layer_rec& L, std::uint32_t layer, std::uint32_t reserve) {
+  void evict_layer(layer_rec& L, scratch& sc, std::uint32_t layer, std::uint32_t reserve) {
     if constexpr (detail::never_evicts<Eviction>::value) {
       (void)L;
+      (void)sc;
       (void)layer;
       (void)reserve;
     } else {
@@ -782,10 +997,11 @@ class cache {
         target = target > reserve ? target - reserve : 0;
         const std::uint32_t live = L.table.live(h);
         if (live <= target) continue;
-        victims_.clear();
-        policy_.select(L.state, L.table, h, live - target, victims_);
-        KVCACHE_ASSERT(victims_.size() <= live - target);
-        for (std::uint32_t slot : victims_) L.table.vacate(h, slot);
+        sc.victims.clear();
+        policy_.select(L.state, L.table, h, live - target, sc.victims);
+        KVCACHE_ASSERT(sc.victims.size() <= live - target);
+        sc.short_heads += sc.victims.size() < live - target;  // e.g. sinks that never go
+        for (std::uint32_t slot : sc.victims) L.table.vacate(h, slot);
       }
     }
   }
@@ -832,7 +1048,7 @@ class cache {
 
   // Token-grouped keys (KIVI), token_major: a key whose slot is in the residual window is stored
   // at full precision there; a key refilling a slot of a quantized group requantizes the group.
-  void write_grouped_keys(layer_rec& L, const std::byte* src, std::uint32_t n) {
+  void write_grouped_keys(layer_rec& L, scratch& sc, const std::byte* src, std::uint32_t n) {
     if constexpr (quant_token_grouped<Quant>()) {
       const std::uint32_t H = cfg_.geo.kv_heads, G = Quant::group, R = Quant::residual;
       const std::size_t hb = cfg_.geo.head_bytes(), D = cfg_.geo.head_dim;
@@ -841,11 +1057,11 @@ class cache {
       std::byte* meta = memory_.data(L.ks);
       for (std::uint32_t i = 0; i < n; ++i)
         for (std::uint32_t h = 0; h < H; ++h) {
-          const std::uint32_t s = assign_[std::size_t{i} * H + h];
+          const std::uint32_t s = sc.assign[std::size_t{i} * H + h];
           const std::byte* row = src + (std::size_t{i} * H + h) * hb;
           // an append crossing windows: the window below is full, quantize it before reusing
           // its residual rows
-          while (s >= L.qend[h] + R) flush_window(L, h);
+          while (s >= L.qend[h] + R) flush_window(L, sc, h);
           if (s >= L.qend[h]) {
             std::memcpy(res + (std::size_t{s % R} * H + h) * hb, row, hb);
             continue;
@@ -853,45 +1069,45 @@ class cache {
           const std::uint32_t g = s / G;
           std::byte* codes = kb + std::size_t{g} * G * slot_stride_ + h * head_stride_;
           std::byte* m = meta + (std::size_t{g} * H + h) * Quant::key_meta_bytes(cfg_.geo);
-          key_group_.resize(std::size_t{G} * D);
-          quant_.decode_key_group(codes, slot_stride_, G, cfg_.geo, m, key_group_.data());
-          detail::load_row(row, 0, D, cfg_.geo.type, key_group_.data() + std::size_t{s - g * G} * D);
-          quant_.encode_key_group(key_group_.data(), cfg_.geo, codes, slot_stride_, m);
+          sc.key_group.resize(std::size_t{G} * D);
+          quant_.decode_key_group(codes, slot_stride_, G, cfg_.geo, m, sc.key_group.data());
+          detail::load_row(row, 0, D, cfg_.geo.type, sc.key_group.data() + std::size_t{s - g * G} * D);
+          quant_.encode_key_group(sc.key_group.data(), cfg_.geo, codes, slot_stride_, m);
         }
     } else {
-      (void)L, (void)src, (void)n;
+      (void)L, (void)sc, (void)src, (void)n;
     }
   }
   // Quantizes, per head, each residual window whose slots have all been filled.
-  void flush_key_groups(layer_rec& L) {
+  void flush_key_groups(layer_rec& L, scratch& sc) {
     if constexpr (quant_token_grouped<Quant>()) {
       for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
-        while (L.table.frontier(h) >= L.qend[h] + Quant::residual) flush_window(L, h);
+        while (L.table.frontier(h) >= L.qend[h] + Quant::residual) flush_window(L, sc, h);
     } else {
-      (void)L;
+      (void)L, (void)sc;
     }
   }
   // Quantizes the residual window [qend, qend + R) of head h per channel, group by group.
-  void flush_window(layer_rec& L, std::uint32_t h) {
+  void flush_window(layer_rec& L, scratch& sc, std::uint32_t h) {
     if constexpr (quant_token_grouped<Quant>()) {
       const std::uint32_t H = cfg_.geo.kv_heads, G = Quant::group, R = Quant::residual;
       const std::size_t hb = cfg_.geo.head_bytes(), D = cfg_.geo.head_dim;
       const std::byte* res = memory_.data(L.kr);
       std::byte* kb = memory_.data(L.k);
       std::byte* meta = memory_.data(L.ks);
-      key_group_.resize(std::size_t{G} * D);
+      sc.key_group.resize(std::size_t{G} * D);
       for (std::uint32_t g = L.qend[h] / G; g < (L.qend[h] + R) / G; ++g) {
         for (std::uint32_t j = 0; j < G; ++j)
           detail::load_row(res + (std::size_t{(g * G + j) % R} * H + h) * hb, 0, D, cfg_.geo.type,
-                           key_group_.data() + std::size_t{j} * D);
-        quant_.encode_key_group(key_group_.data(), cfg_.geo,
+                           sc.key_group.data() + std::size_t{j} * D);
+        quant_.encode_key_group(sc.key_group.data(), cfg_.geo,
                                 kb + std::size_t{g} * G * slot_stride_ + h * head_stride_,
                                 slot_stride_,
                                 meta + (std::size_t{g} * H + h) * Quant::key_meta_bytes(cfg_.geo));
       }
       L.qend[h] += R;
     } else {
-      (void)L, (void)h;
+      (void)L, (void)sc, (void)h;
     }
   }
 
@@ -1013,21 +1229,18 @@ class cache {
   std::size_t scale_head_stride_ = 0;
   std::size_t scale_range_bytes_ = 0;
   std::size_t residual_bytes_ = 0;  // token-grouped keys: the residual window's range
-  std::vector<float> key_group_;    // scratch: one key group in fp32
   std::size_t layer_stride_ = 0;  // bytes of one layer in a slot row (token_major)
   std::size_t slot_stride_ = 0;
   std::size_t head_stride_ = 0;
   std::size_t range_bytes_ = 0;
   std::vector<std::uint32_t> budget_;
   std::vector<std::uint32_t> head_budget_;  // [layer][kv_head], 0 = the layer's; empty = none set
-  std::vector<seq_rec> seqs_;
-  std::vector<std::uint32_t> free_seqs_;
-  std::size_t open_count_ = 0;
-  // scratch kept between calls so the hot path does not allocate
-  std::vector<std::uint32_t> assign_;
-  std::vector<chunk> chunks_;
-  std::vector<write_request> requests_;
-  std::vector<std::uint32_t> victims_;
+  detail::seq_registry<seq_rec> reg_;
+  detail::fresh_mutex serial_;  // calls into a policy/quantizer with shared state (serialize())
+  detail::fresh_mutex ahead_;   // map_ahead's scratch
+  std::vector<write_request> ahead_requests_;
 };
 
 KVCACHE_NAMESPACE_END
+
+#include <kvcache/sequence.hpp>  // the owning handle, defined once cache is complete

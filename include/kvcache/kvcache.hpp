@@ -42,3 +42,5 @@
 #include <kvcache/reference/attention.hpp>
 
 #include <kvcache/cache.hpp>
+#include <kvcache/check.hpp>
+#include <kvcache/sequence.hpp>

@@ -49,7 +49,7 @@ result<int> try_in_result(int& reached, status first) {
 constexpr errc all_codes[] = {
     errc::ok,           errc::invalid_argument,  errc::shape_mismatch, errc::unknown_sequence,
     errc::layer_out_of_range, errc::invalid_budget, errc::capacity_exceeded, errc::out_of_pages,
-    errc::signal_mismatch, errc::system_error,
+    errc::signal_mismatch, errc::system_error, errc::invariant_violation,
 };
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "catch.hpp"
@@ -177,6 +178,27 @@ TEST_CASE("q8_0/q4_0: f16 input is widened exactly; shapes and NaN are refused",
   CHECK(kv::q4_0{}.bind({1, 1, 1, 64, kv::dtype::f16}));
   f[70] = std::numeric_limits<float>::infinity();
   CHECK(kv::q4_0{}.validate(f.data(), f.size(), kv::dtype::f32).code() == kv::errc::invalid_argument);
+}
+
+TEST_CASE("q8_0/q4_0: finite input whose fp16 block scale would overflow is refused", "[quant][ggml]") {
+  // d = amax / 127 (q8_0) or amax / 8 (q4_0) is stored as fp16 (max 65504): beyond that the
+  // block would decode to Inf/NaN. Just inside the bound encodes and decodes finite.
+  std::vector<float> x(64, 1.0f);
+  x[5] = 65504.0f * 127.0f * 1.01f;
+  const auto r8 = kv::q8_0{}.validate(x.data(), x.size(), kv::dtype::f32);
+  CHECK(r8.code() == kv::errc::invalid_argument);
+  CHECK(r8.message().find("range") != std::string::npos);
+  x[5] = 65504.0f * 8.0f * 1.01f;
+  CHECK(kv::q8_0{}.validate(x.data(), x.size(), kv::dtype::f32));  // fine for q8_0
+  CHECK(kv::q4_0{}.validate(x.data(), x.size(), kv::dtype::f32).code() == kv::errc::invalid_argument);
+  x[5] = 65504.0f * 8.0f * 0.99f;
+  REQUIRE(kv::q4_0{}.validate(x.data(), x.size(), kv::dtype::f32));
+  const kv::geometry g{1, 1, 1, 64, kv::dtype::f32};
+  std::vector<std::byte> codes(2 * 18);
+  kv::q4_0{}.encode(x.data(), 1, g, codes.data(), nullptr);
+  std::vector<float> back(64);
+  for (int b = 0; b < 2; ++b) kv::ggml::dequantize_block_q4_0(codes.data() + b * 18, back.data() + b * 32);
+  for (float v : back) CHECK(std::isfinite(v));
 }
 
 TEST_CASE("q8_0/q4_0: the batched encode equals the per-block functions, f16 and bf16 too", "[quant][ggml]") {

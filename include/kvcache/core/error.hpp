@@ -31,6 +31,9 @@ enum class errc : int {
   out_of_pages,        //!< the physical page pool cannot supply the pages needed
   signal_mismatch,     //!< a signal that does not fit the policy's state (wrong step, wrong length)
   system_error,        //!< the OS refused (mmap, memfd_create, ...); the message has errno's text
+  //! check_invariants() found the cache's bookkeeping inconsistent: a bug in kvcache (or memory
+  //! corrupted from outside), never the result of bad input
+  invariant_violation,
 };
 
 //! Short stable name of an error code.
@@ -46,6 +49,7 @@ constexpr const char* to_string(errc e) noexcept {
     case errc::out_of_pages: return "out_of_pages";
     case errc::signal_mismatch: return "signal_mismatch";
     case errc::system_error: return "system_error";
+    case errc::invariant_violation: return "invariant_violation";
   }
   return "unknown";
 }

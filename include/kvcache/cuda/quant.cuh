@@ -847,8 +847,9 @@ class cuda_ggml_format {
   [[nodiscard]] std::size_t code_bytes(const geometry& g) const noexcept { return Host{}.code_bytes(g); }
   [[nodiscard]] std::size_t scale_bytes(const geometry&) const noexcept { return 0; }
   [[nodiscard]] status bind(const geometry& g) const { return Host{}.bind(g); }
+  //! The host format's bound: the block's fp16 scale (amax / divisor) must stay finite.
   [[nodiscard]] status validate(const void* src, std::size_t elements, dtype t) const {
-    return io_.validate(name(), src, elements, t, 0.0f);
+    return io_.validate(name(), src, elements, t, 65504.0f * Host::scale_divisor);
   }
   void check_input(bool on) noexcept { io_.check_input(on); }
   [[nodiscard]] cudaStream_t stream() const noexcept { return io_.stream(); }

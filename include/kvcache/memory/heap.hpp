@@ -4,6 +4,9 @@
 //! (geometric growth, so appends cost amortized O(1) copies), freed on release; fork copies.
 //! No pages, no sharing, no reuse beyond what malloc itself does. Benchmarks measure the
 //! virtual-memory backends against it.
+//!
+//! Thread safety: every member may be called from any thread (one internal mutex). A range's
+//! data() moves when prepare() grows it: only the range's user may prepare it, and re-reads data().
 #pragma once
 
 #include <kvcache/config.hpp>
@@ -15,11 +18,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
 KVCACHE_NAMESPACE_BEGIN
+
+namespace detail {
+struct test_access;  // defined only by tests (a peer that may break invariants on purpose)
+}  // namespace detail
 
 struct heap_memory_config {
   //! Upper bound on bytes held by all ranges together (out_of_pages past it); 0 = unlimited.
@@ -48,6 +56,99 @@ class heap_memory {
   [[nodiscard]] std::size_t granularity() const noexcept { return 1; }
 
   result<range_id> acquire(std::size_t capacity, std::size_t hint = 0) {
+    const lock_type lock(mu_);
+    return acquire_locked(capacity, hint);
+  }
+  //! Grows blocks to cover the requests (moving their data: re-read data() afterwards).
+  //! The byte budget is checked against the exact need; growth beyond it is geometric only as
+  //! far as the budget's slack allows.
+  status prepare(std::span<const write_request> reqs) {
+    const lock_type lock(mu_);
+    return prepare_locked(reqs);
+  }
+  result<range_id> fork(range_id parent, std::size_t bytes) {
+    const lock_type lock(mu_);
+    return fork_locked(parent, bytes);
+  }
+  void release(range_id r) {
+    const lock_type lock(mu_);
+    release_locked(r);
+  }
+
+  [[nodiscard]] std::byte* data(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return ranges_[r].data;
+  }
+  [[nodiscard]] std::size_t capacity(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return ranges_[r].capacity;
+  }
+  [[nodiscard]] std::size_t backed_bytes(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return ranges_[r].size;
+  }
+  //! True when r names a range acquired and not yet released.
+  [[nodiscard]] bool active(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return r < ranges_.size() && ranges_[r].active;
+  }
+  //! True when bytes [begin, end) of range r are allocated.
+  [[nodiscard]] bool backed(range_id r, std::size_t begin, std::size_t end) const noexcept {
+    const lock_type lock(mu_);
+    return r < ranges_.size() && (begin >= end || end <= ranges_[r].size);
+  }
+
+  [[nodiscard]] memory_stats stats() const {
+    const lock_type lock(mu_);
+    memory_stats s = stats_;
+    s.page_size = 1;
+    s.pages_total = cfg_.max_bytes ? cfg_.max_bytes : held_;
+    s.pages_free = s.pages_total - held_;
+    s.pages_mapped = held_;
+    for (const auto& r : ranges_)
+      if (r.active) ++s.ranges_active;
+    return s;
+  }
+
+  //! Checks the bookkeeping (invariant checker, tests): bytes held equal the blocks' sizes and
+  //! stay within the budget, sizes within capacities, released records free and listed once.
+  [[nodiscard]] status check() const {
+    const lock_type lock(mu_);
+    auto bad = [](const std::string& m) {
+      return status{errc::invariant_violation, "heap_memory::check: " + m};
+    };
+    std::size_t held = 0;
+    std::vector<std::uint8_t> listed(ranges_.size(), 0);
+    for (range_id r : free_ids_) {
+      if (r >= ranges_.size() || ranges_[r].active || ranges_[r].data)
+        return bad("free list names range " + std::to_string(r) + ", which is in use");
+      if (listed[r]++) return bad("range " + std::to_string(r) + " is in the free list twice");
+    }
+    for (range_id r = 0; r < ranges_.size(); ++r) {
+      const auto& rec = ranges_[r];
+      if (!rec.active) {
+        if (!listed[r]) return bad("range " + std::to_string(r) + " is released but not listed (leaked)");
+        continue;
+      }
+      if (rec.size > rec.capacity || (rec.size != 0) != (rec.data != nullptr))
+        return bad("range " + std::to_string(r) + " holds " + std::to_string(rec.size) +
+                   " bytes of a capacity of " + std::to_string(rec.capacity));
+      held += rec.size;
+    }
+    if (held != held_)
+      return bad("counts " + std::to_string(held_) + " bytes held, the blocks hold " +
+                 std::to_string(held));
+    if (cfg_.max_bytes && held_ > cfg_.max_bytes)
+      return bad(std::to_string(held_) + " bytes held over the budget of " +
+                 std::to_string(cfg_.max_bytes));
+    return {};
+  }
+
+ private:
+  friend struct detail::test_access;  // tests corrupt the bookkeeping to prove check() sees it
+  using lock_type = std::lock_guard<std::mutex>;
+
+  result<range_id> acquire_locked(std::size_t capacity, std::size_t hint) {
     (void)hint;
     if (capacity == 0) return status{errc::invalid_argument, "heap_memory::acquire: capacity 0"};
     range_rec rec{nullptr, capacity, 0, true};
@@ -61,10 +162,7 @@ class heap_memory {
     return static_cast<range_id>(ranges_.size() - 1);
   }
 
-  //! Grows blocks to cover the requests (moving their data: re-read data() afterwards).
-  //! The byte budget is checked against the exact need; growth beyond it is geometric only as
-  //! far as the budget's slack allows.
-  status prepare(std::span<const write_request> reqs) {
+  status prepare_locked(std::span<const write_request> reqs) {
     grow_.clear();  // (range, largest end) per range needing growth
     for (const auto& q : reqs) {
       if (q.range >= ranges_.size() || !ranges_[q.range].active)
@@ -102,17 +200,17 @@ class heap_memory {
     return {};
   }
 
-  result<range_id> fork(range_id parent, std::size_t bytes) {
+  result<range_id> fork_locked(range_id parent, std::size_t bytes) {
     if (parent >= ranges_.size() || !ranges_[parent].active)
       return status{errc::invalid_argument, "heap_memory::fork: range is not active"};
     const std::size_t cap = ranges_[parent].capacity;
     if (bytes > cap) return status{errc::capacity_exceeded, "heap_memory::fork: beyond capacity"};
     bytes = std::min(bytes, ranges_[parent].size);  // only what the parent holds
-    auto child = acquire(cap);
+    auto child = acquire_locked(cap, 0);
     if (!child) return child;
     write_request q{*child, 0, bytes};
-    if (status st = prepare({&q, 1}); !st) {
-      release(*child);
+    if (status st = prepare_locked({&q, 1}); !st) {
+      release_locked(*child);
       return st;
     }
     if (bytes) std::memcpy(ranges_[*child].data, ranges_[parent].data, bytes);
@@ -120,7 +218,7 @@ class heap_memory {
     return child;
   }
 
-  void release(range_id r) {
+  void release_locked(range_id r) {
     KVCACHE_ASSERT(r < ranges_.size() && ranges_[r].active);
     auto& rec = ranges_[r];
     std::free(rec.data);
@@ -129,22 +227,6 @@ class heap_memory {
     free_ids_.push_back(r);
   }
 
-  [[nodiscard]] std::byte* data(range_id r) const noexcept { return ranges_[r].data; }
-  [[nodiscard]] std::size_t capacity(range_id r) const noexcept { return ranges_[r].capacity; }
-  [[nodiscard]] std::size_t backed_bytes(range_id r) const noexcept { return ranges_[r].size; }
-
-  [[nodiscard]] memory_stats stats() const {
-    memory_stats s = stats_;
-    s.page_size = 1;
-    s.pages_total = cfg_.max_bytes ? cfg_.max_bytes : held_;
-    s.pages_free = s.pages_total - held_;
-    s.pages_mapped = held_;
-    for (const auto& r : ranges_)
-      if (r.active) ++s.ranges_active;
-    return s;
-  }
-
- private:
   struct range_rec {
     std::byte* data = nullptr;
     std::size_t capacity = 0;
@@ -156,6 +238,7 @@ class heap_memory {
     return std::min(rec.capacity, std::max(need, geometric));
   }
 
+  mutable std::mutex mu_;  // everything below; not moved (a moved-to backend has its own)
   heap_memory_config cfg_;
   std::vector<range_rec> ranges_;
   std::vector<range_id> free_ids_;

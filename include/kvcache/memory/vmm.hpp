@@ -17,8 +17,11 @@
 //! - Every synchronous operation is all or nothing: on error the backend is as it was (idle
 //!   ranges aside, which are only reclaimed when the operation is then sure to succeed).
 //!
-//! Not thread-safe beyond that: one owner (the cache object) serializes calls. The background
-//! step touches the bookkeeping only while the owner is outside the backend or inside a wait.
+//! Thread safety: every member may be called from any thread; one internal mutex serializes
+//! the bookkeeping (the pool is shared by all sequences of a cache, which open, grow, fork and
+//! close from several threads). Each call first waits for the background step, which touches
+//! the bookkeeping only while no call is inside. `data()` also takes the mutex (the range table
+//! may grow under it), but a returned base stays valid for the range's life.
 //!
 //! A Mapper owns physical pages and address space, and issues the map calls:
 //! ```
@@ -63,6 +66,10 @@
 
 KVCACHE_NAMESPACE_BEGIN
 
+namespace detail {
+struct test_access;  // defined only by tests (a peer that may break invariants on purpose)
+}  // namespace detail
+
 template <class M>
 concept page_mapper =
     requires(M& m, const M& cm, typename M::address a, std::size_t n, page_id p,
@@ -104,11 +111,15 @@ class background_worker {
   status post(std::function<void()> job) {
     if (!s_) {
       auto s = std::make_unique<shared>();
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
       try {
         s->thread = std::thread([p = s.get()] { p->loop(); });
       } catch (const std::system_error& e) {
         return {errc::system_error, std::string("map ahead: starting a thread: ") + e.what()};
       }
+#else  // -fno-exceptions: a thread that cannot start terminates, as the standard library does
+      s->thread = std::thread([p = s.get()] { p->loop(); });
+#endif
       s_ = std::move(s);
     }
     {
@@ -175,6 +186,8 @@ class basic_vmm {
  public:
   using mapper_type = Mapper;
   using address = typename Mapper::address;
+  //! A range's data() is fixed for the range's life (callers may keep it; see cache.hpp).
+  static constexpr bool stable_data = true;
   using page_id = kvcache::page_id;
   static constexpr page_id no_page = kvcache::no_page;
 
@@ -213,13 +226,108 @@ class basic_vmm {
   [[nodiscard]] const Mapper& mapper() const noexcept { return mapper_; }
   //! Mappings of pool page p (tests, invariant checks).
   [[nodiscard]] std::uint32_t refs(page_id p) const noexcept {
+    const lock_type lock(mu_);
     sync_quiet();
     return mapper_.refs().refs(p);
+  }
+
+  //! Checks the bookkeeping (invariant checker, tests): every page's reference count equals its
+  //! mappings over all ranges, free pages are exactly those with no reference and listed once,
+  //! each range's mapped count matches its table, idle ranges are listed once and hold no shared
+  //! page. O(pages + table entries): for checks, not for every step of a release build.
+  [[nodiscard]] status check() const {
+    const lock_type lock(mu_);
+    sync_quiet();
+    const auto& refs = mapper_.refs();
+    const std::size_t ps = mapper_.page_size();
+    auto bad = [&](const std::string& m) {
+      return status{errc::invariant_violation, what("check") + m};
+    };
+    std::vector<std::uint32_t> maps(refs.pages(), 0);
+    std::vector<std::uint8_t> listed(ranges_.size(), 0);
+    for (range_id r : idle_) {
+      if (r >= ranges_.size() || ranges_[r].bytes == 0 || ranges_[r].active)
+        return bad("idle list names range " + std::to_string(r) + ", which is not an idle range");
+      if (listed[r]++) return bad("range " + std::to_string(r) + " is in the idle list twice");
+    }
+    for (range_id r = 0; r < ranges_.size(); ++r) {
+      const auto& rec = ranges_[r];
+      if (rec.bytes == 0) continue;
+      const auto at = [r] { return "range " + std::to_string(r) + ": "; };  // only on failure
+      if (rec.bytes % ps != 0 || rec.table.size() != rec.bytes / ps)
+        return bad(at() + "page table of " + std::to_string(rec.table.size()) + " entries for " +
+                   std::to_string(rec.bytes) + " bytes");
+      if (!rec.active && !listed[r]) return bad(at() + "inactive but not in the idle list (leaked)");
+      std::size_t mapped = 0;
+      for (std::size_t i = 0; i < rec.table.size(); ++i) {
+        const page_id p = rec.table[i];
+        if (p == no_page) continue;
+        if (p >= refs.pages())
+          return bad(at() + "page " + std::to_string(i) + " maps pool page " + std::to_string(p) +
+                     " beyond the pool of " + std::to_string(refs.pages()));
+        ++maps[p];
+        ++mapped;
+      }
+      if (mapped != rec.mapped)
+        return bad(at() + "counts " + std::to_string(rec.mapped) + " mapped pages, its table holds " +
+                   std::to_string(mapped));
+    }
+    std::vector<std::uint8_t> is_free(refs.pages(), 0);
+    for (page_id p : refs.free_list()) {
+      if (p >= refs.pages()) return bad("free list holds page " + std::to_string(p) + " beyond the pool");
+      if (is_free[p]++) return bad("pool page " + std::to_string(p) + " is in the free list twice");
+    }
+    for (page_id p = 0; p < refs.pages(); ++p) {
+      const auto at = [p] { return "pool page " + std::to_string(p) + ": "; };
+      if (refs.refs(p) != maps[p])
+        return bad(at() + "reference count " + std::to_string(refs.refs(p)) + " but " +
+                   std::to_string(maps[p]) + " mappings");
+      if ((maps[p] == 0) != (is_free[p] != 0))
+        return bad(at() + (maps[p] ? "mapped and in the free list (double free)"
+                                 : "unmapped but not in the free list (leaked)"));
+    }
+    if (deferred_)  // release() unmaps the shared pages of a range that goes idle
+      for (range_id r : idle_)
+        for (page_id p : ranges_[r].table)
+          if (p != no_page && maps[p] > 1)
+            return bad("idle range " + std::to_string(r) + " holds shared pool page " +
+                       std::to_string(p));
+    return {};
+  }
+  //! True when r names a range acquired and not yet released.
+  [[nodiscard]] bool active(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return r < ranges_.size() && ranges_[r].active;
+  }
+  //! True when every byte of [begin, end) of range r has a page mapped.
+  [[nodiscard]] bool backed(range_id r, std::size_t begin, std::size_t end) const noexcept {
+    const lock_type lock(mu_);
+    sync_quiet();
+    if (r >= ranges_.size() || end > ranges_[r].bytes) return false;
+    if (begin >= end) return true;
+    const std::size_t ps = mapper_.page_size();
+    for (std::size_t i = begin / ps; i <= (end - 1) / ps; ++i)
+      if (ranges_[r].table[i] == no_page) return false;
+    return true;
   }
 
   //! A range of at least `capacity` bytes. Reuses the idle range of that capacity whose mapped
   //! pages best fit `hint` bytes (fewest pages that still cover it; else the most mapped).
   result<range_id> acquire(std::size_t capacity, std::size_t hint = 0) {
+    const lock_type lock(mu_);
+    return acquire_locked(capacity, hint);
+  }
+
+  //! Maps and privatizes the requested bytes of active ranges. All or nothing: when the pool
+  //! (after reclaiming idle ranges) cannot supply every page needed, nothing changes. Returns
+  //! first, unchanged, an error the background step met since the last synchronous call.
+  status prepare(std::span<const write_request> reqs) {
+    const lock_type lock(mu_);
+    return prepare_locked(reqs);
+  }
+
+ private:
+  result<range_id> acquire_locked(std::size_t capacity, std::size_t hint) {
     sync_quiet();
     if (capacity == 0) return status{errc::invalid_argument, what("acquire") + "capacity 0"};
     const std::size_t ps = mapper_.page_size();
@@ -250,11 +358,8 @@ class basic_vmm {
     return static_cast<range_id>(ranges_.size() - 1);
   }
 
-  //! Maps and privatizes the requested bytes of active ranges. All or nothing: when the pool
-  //! (after reclaiming idle ranges) cannot supply every page needed, nothing changes. Returns
-  //! first, unchanged, an error the background step met since the last synchronous call.
-  status prepare(std::span<const write_request> reqs) {
-    KVCACHE_TRY(sync());
+  status prepare_locked(std::span<const write_request> reqs) {
+    KVCACHE_TRY(sync_locked());
     work_.clear();
     KVCACHE_TRY(collect(reqs, "prepare", /*shared_too=*/true));
     if (work_.empty()) return {};  // the steady state: everything mapped and private
@@ -283,6 +388,8 @@ class basic_vmm {
     return {};
   }
 
+ public:
+
   //! Starts mapping the missing pages of the requested bytes on the background thread and
   //! returns at once (vAttention's step_async: call it before the step's compute, with the bytes
   //! the next steps will write). Best effort: a request the pool cannot cover even after
@@ -292,7 +399,8 @@ class basic_vmm {
   //! of a page's worth of tokens, a cap spreads the burst of a page crossing (every range at
   //! once) over several steps, so that a short step still hides it.
   status map_ahead(std::span<const write_request> reqs, std::size_t max_pages = 0) {
-    KVCACHE_TRY(sync());
+    const lock_type lock(mu_);
+    KVCACHE_TRY(sync_locked());
     work_.clear();
     KVCACHE_TRY(collect(reqs, "map_ahead", /*shared_too=*/false));
     if (max_pages > 0 && work_.size() > max_pages) work_.resize(max_pages);
@@ -303,21 +411,40 @@ class basic_vmm {
 
   //! Waits for the background step; returns (and clears) the error it met, if any.
   status sync() {
-    worker_.wait();
-    if (ahead_error_.ok()) return {};  // every append passes here: no string moves when clean
-    return std::exchange(ahead_error_, status{});
+    const lock_type lock(mu_);
+    return sync_locked();
   }
 
   //! A new range sharing the parent's pages that cover its first `bytes` bytes, mapped at the
   //! same offsets (zero copy). Writes into them later copy the page (see `prepare`).
   result<range_id> fork(range_id parent, std::size_t bytes) {
+    const lock_type lock(mu_);
+    return fork_locked(parent, bytes);
+  }
+
+  //! Finishes a range. With deferred reclamation its private pages stay mapped for the next
+  //! acquirer; pages it shares are unmapped (an idle sharer would hold its partner to
+  //! copy-on-write, and count as unreclaimable, for a range nobody uses).
+  void release(range_id r) {
+    const lock_type lock(mu_);
+    release_locked(r);
+  }
+
+ private:
+  status sync_locked() {
+    worker_.wait();
+    if (ahead_error_.ok()) return {};  // every append passes here: no string moves when clean
+    return std::exchange(ahead_error_, status{});
+  }
+
+  result<range_id> fork_locked(range_id parent, std::size_t bytes) {
     sync_quiet();
     if (parent >= ranges_.size() || !ranges_[parent].active)
       return status{errc::invalid_argument,
                     what("fork") + "range " + std::to_string(parent) + " is not active"};
     if (bytes > ranges_[parent].bytes)
       return status{errc::capacity_exceeded, what("fork") + "bytes beyond the parent's capacity"};
-    auto child = acquire(ranges_[parent].bytes, bytes);
+    auto child = acquire_locked(ranges_[parent].bytes, bytes);
     if (!child) return child;
     const std::size_t ps = mapper_.page_size();
     const std::size_t n = (bytes + ps - 1) / ps;
@@ -336,7 +463,7 @@ class basic_vmm {
       status st = mapper_.map(dst.base, i, src.data() + i, j - i, calls);
       stats_.map_calls += calls;
       if (!st) {
-        release(*child);  // the child keeps what it mapped so far; the parent is untouched
+        release_locked(*child);  // the child keeps what it mapped so far; the parent is untouched
         return st;
       }
       for (std::size_t k = i; k < j; ++k) {
@@ -349,10 +476,7 @@ class basic_vmm {
     return child;
   }
 
-  //! Finishes a range. With deferred reclamation its private pages stay mapped for the next
-  //! acquirer; pages it shares are unmapped (an idle sharer would hold its partner to
-  //! copy-on-write, and count as unreclaimable, for a range nobody uses).
-  void release(range_id r) {
+  void release_locked(range_id r) {
     sync_quiet();
     KVCACHE_ASSERT(r < ranges_.size() && ranges_[r].active);
     auto& rec = ranges_[r];
@@ -366,21 +490,31 @@ class basic_vmm {
     idle_.push_back(r);
   }
 
+ public:
   //! The range's base address (stable for the range's life; safe during the background step).
-  [[nodiscard]] std::byte* data(range_id r) const noexcept { return Mapper::pointer(ranges_[r].base); }
-  [[nodiscard]] std::size_t capacity(range_id r) const noexcept { return ranges_[r].bytes; }
+  [[nodiscard]] std::byte* data(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return Mapper::pointer(ranges_[r].base);
+  }
+  [[nodiscard]] std::size_t capacity(range_id r) const noexcept {
+    const lock_type lock(mu_);
+    return ranges_[r].bytes;
+  }
   [[nodiscard]] std::size_t backed_bytes(range_id r) const noexcept {
+    const lock_type lock(mu_);
     sync_quiet();
     return ranges_[r].mapped * mapper_.page_size();
   }
   //! The physical page behind page `index` of range r, or no_page (tests, invariant checks).
   [[nodiscard]] page_id page_at(range_id r, std::size_t index) const noexcept {
+    const lock_type lock(mu_);
     sync_quiet();
     return ranges_[r].table[index];
   }
 
   //! Unmaps every page of every idle range (e.g. before measuring, or to shrink to the minimum).
   std::size_t reclaim_idle() {
+    const lock_type lock(mu_);
     sync_quiet();
     std::size_t freed = 0;
     for (range_id r : idle_) freed += unmap_from(ranges_[r], 0);
@@ -390,6 +524,7 @@ class basic_vmm {
 
   //! Walks every range and pool page: for diagnostics, not for every decode step.
   [[nodiscard]] memory_stats stats() const {
+    const lock_type lock(mu_);
     sync_quiet();
     memory_stats s = stats_;
     const auto& refs = mapper_.refs();
@@ -413,12 +548,16 @@ class basic_vmm {
   }
 
  protected:
+  //! Unlocked: for a derived backend's own single-threaded setup.
   Mapper& mapper_mut() noexcept {
     sync_quiet();
     return mapper_;
   }
 
  private:
+  friend struct detail::test_access;  // tests corrupt the bookkeeping to prove check() sees it
+  using lock_type = std::lock_guard<std::mutex>;
+
   struct range_rec {
     address base{};
     std::size_t bytes = 0;
@@ -604,6 +743,7 @@ class basic_vmm {
     ranges_.clear();
   }
 
+  mutable std::mutex mu_;  // the bookkeeping below; not moved (a moved-to backend has its own)
   Mapper mapper_;
   bool deferred_ = true;
   std::vector<range_rec> ranges_;  // torn down (teardown) before the mapper releases the pool

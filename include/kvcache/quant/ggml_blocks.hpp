@@ -404,8 +404,10 @@ struct ggml_row_format {
                                           " is not a multiple of the 32-value block"};
     return {};
   }
+  //! Finite, and small enough that the block's fp16 scale (amax / divisor) stays finite: a
+  //! finite 3e38 would otherwise store an infinite scale and decode to NaN (found by fuzz/).
   [[nodiscard]] status validate(const void* src, std::size_t elements, dtype t) const {
-    return check_finite(Derived::name(), src, elements, t);
+    return check_finite(Derived::name(), src, elements, t, 65504.0f * Derived::scale_divisor);
   }
   void encode(const void* src, std::size_t rows, const geometry& g, std::byte* codes,
               std::byte* /*scales*/, quant_context = {}) const noexcept {
@@ -423,6 +425,7 @@ struct q8_0 : detail::ggml_row_format<q8_0, sizeof(ggml::block_q8_0)> {
   static constexpr unsigned bits = 8;
   static constexpr unsigned group = 32;
   static constexpr const char* name() noexcept { return "q8_0"; }
+  static constexpr float scale_divisor = 127.0f;  // d = amax / 127
   static void quantize_block(const float* x, std::byte* out) noexcept { ggml::quantize_block_q8_0(x, out); }
   static void dequantize_block(const std::byte* in, float* y) noexcept { ggml::dequantize_block_q8_0(in, y); }
   static void quantize_blocks(const void* src, std::size_t blocks, dtype t, std::byte* out) noexcept {
@@ -438,6 +441,7 @@ struct q4_0 : detail::ggml_row_format<q4_0, sizeof(ggml::block_q4_0)> {
   static constexpr unsigned bits = 4;
   static constexpr unsigned group = 32;
   static constexpr const char* name() noexcept { return "q4_0"; }
+  static constexpr float scale_divisor = 8.0f;  // |d| = amax / 8
   static void quantize_block(const float* x, std::byte* out) noexcept { ggml::quantize_block_q4_0(x, out); }
   static void dequantize_block(const std::byte* in, float* y) noexcept { ggml::dequantize_block_q4_0(in, y); }
   static void quantize_blocks(const void* src, std::size_t blocks, dtype t, std::byte* out) noexcept {
