@@ -230,7 +230,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--smollm", required=True, help="our tool")
-    ap.add_argument("--tokids", required=True, help="helper: tokids MODEL FILE prints our tokenizer's ids")
     ap.add_argument("--text", action="append", required=True, help="NAME=PATH (repeatable)")
     ap.add_argument("--windows", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--quants", nargs="+", default=["none", "q8_0", "q4_0", "kivi8", "kivi4", "kivi2"])
@@ -278,7 +277,7 @@ def main():
         pf = os.path.join(a.work, f"{name}.prefix.txt")
         with open(pf, "wb") as f:
             f.write(prefix)
-        out = subprocess.run([a.tokids, a.model, pf], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([a.smollm, "--model", a.model, "--tokenize", pf], check=True, capture_output=True, text=True).stdout
         ids_o = [int(t) for t in out.split()]
         k = a.tok_compare
         first_bad = next((i for i, (x, y) in enumerate(zip(ids_l[:k], ids_o[:k])) if x != y), None)

@@ -13,6 +13,7 @@
 //          lockstep over the same text, batched through the weights, against one keep-all reference
 //   smollm [--model PATH] --bench-decode N [--context C]              decode speed at context C
 //   smollm [--model PATH] --info                                      metadata and tensors
+//   smollm [--model PATH] --tokenize FILE                             the token ids of all of FILE
 // common: --policy keep_all|sink_window|heavy_hitter|snapkv  --budget R (ratio of the tokens)
 //         | --budget-tokens N   --quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2   --threads N
 //         --weights f16|f32 (how the dequantized weights are kept; default f16)
@@ -32,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -68,6 +70,7 @@ struct variant {
 struct options {
   std::string model, prompt, ppl_file, sweep;
   std::string token_ids, dump_logits;  // --ppl: token ids instead of the text; raw logits out
+  std::string tokenize;                // --tokenize: print the ids of this file, one per line
   variant v;
   std::uint32_t max_new = 64, window = 512, chunk = 1, bench = 0, context = 1024;
   unsigned threads = 0;
@@ -430,7 +433,7 @@ int usage(std::FILE* to = stderr) {
   std::fprintf(to,
                "usage: smollm [--model PATH] (--prompt TEXT [--max-new N] [--chat] | --ppl FILE [--window N] "
                "[--chunk C] [--kl] [--token-ids FILE] [--dump-logits FILE] [--sweep SPECS] | --bench-decode N "
-               "[--context C] | --info)\n"
+               "[--context C] | --info | --tokenize FILE)\n"
                "              [--policy keep_all|sink_window|heavy_hitter|snapkv] [--budget R | "
                "--budget-tokens N]\n"
                "              [--quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2] [--threads N] [--weights f16|f32]\n"
@@ -472,6 +475,7 @@ int main(int argc, char** argv) {
     else if (a == "--quant") o.v.quant = val();
     else if (a == "--threads") o.threads = num();
     else if (a == "--info") o.info = true;
+    else if (a == "--tokenize") o.tokenize = val();
     else if (a == "--kl") o.kl = true;
     else if (a == "--weights") {
       const std::string wf = val();
@@ -510,7 +514,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (o.prompt.empty() && o.ppl_file.empty() && !o.bench && !o.info) return usage();
+  if (o.prompt.empty() && o.ppl_file.empty() && !o.bench && !o.info && o.tokenize.empty()) return usage();
 
   auto f = gguf::file::open(o.model);
   if (!f) {
@@ -534,6 +538,16 @@ int main(int argc, char** argv) {
   if (auto st = tok.init(*f); !st) {
     std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
     return 1;
+  }
+  if (!o.tokenize.empty()) {  // the tokenizer only (e.g. to compare ids with llama.cpp's)
+    std::ifstream in(o.tokenize, std::ios::binary);
+    if (!in) {
+      std::fprintf(stderr, "smollm: cannot read %s\n", o.tokenize.c_str());
+      return 1;
+    }
+    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    for (const auto id : tok.encode(text)) std::printf("%d\n", static_cast<int>(id));
+    return 0;
   }
   const double t0 = now_s();
   auto w = load(*f, o.weights_f32 ? weight_format::f32 : weight_format::f16);
