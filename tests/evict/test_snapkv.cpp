@@ -160,3 +160,30 @@ TEST_CASE("snapkv: a prompt within the budget is kept whole", "[evict][snapkv]")
   REQUIRE(c.evict(s, 0).ok());
   CHECK(evtest::view(c, s, 0).live[0] == 30);
 }
+
+TEST_CASE("softmax of query-key logits never yields NaN (NaN keys, overflowed logits)", "[snapkv][score]") {
+  // The query path of SnapKV and H2O scores keys by softmax(q·Kᵀ/√D); passthrough stores NaN
+  // keys as given and large finite keys overflow q·k to ±inf. A NaN probability would make the
+  // scores unordered for victim selection.
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto sum_of = [](const std::vector<float>& x) {
+    float s = 0.0f;
+    for (float v : x) s += v;
+    return s;
+  };
+  std::vector<float> a{1.0f, nan, 2.0f, -inf};
+  softmax_inplace(a.data(), 4);
+  CHECK(a[1] == 0.0f);
+  CHECK(a[3] == 0.0f);
+  CHECK(a[2] > a[0]);
+  CHECK(sum_of(a) == Approx(1.0f));
+
+  std::vector<float> b{inf, 3.0f, inf, nan};
+  softmax_inplace(b.data(), 4);
+  CHECK(b == std::vector<float>{0.5f, 0.0f, 0.5f, 0.0f});
+
+  std::vector<float> c{nan, nan};
+  softmax_inplace(c.data(), 2);
+  CHECK(c == std::vector<float>{0.0f, 0.0f});
+}

@@ -142,11 +142,25 @@ inline void query_logits(const float* q, std::uint32_t head_dim, const slot_tabl
 }
 
 //! In-place softmax over `n` logits (-inf entries become 0). fp32, max-subtracted.
+//! Never yields NaN, so scores built from it stay ordered: a NaN logit (a key the engine stored
+//! as NaN, which passthrough accepts) gets no weight, and when logits overflowed to +inf those
+//! share the mass equally (found by fuzz/: NaN scores broke victim selection's ordering).
 inline void softmax_inplace(float* x, std::uint32_t n) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (std::uint32_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
-  if (!(mx > -std::numeric_limits<float>::infinity())) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  float mx = -inf;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) x[i] = -inf;
+    mx = std::max(mx, x[i]);
+  }
+  if (!(mx > -inf)) {
     std::fill_n(x, n, 0.0f);
+    return;
+  }
+  if (mx == inf) {
+    std::uint32_t top = 0;
+    for (std::uint32_t i = 0; i < n; ++i) top += x[i] == inf;
+    const float share = 1.0f / static_cast<float>(top);
+    for (std::uint32_t i = 0; i < n; ++i) x[i] = x[i] == inf ? share : 0.0f;
     return;
   }
   float sum = 0.0f;
