@@ -101,7 +101,8 @@ struct policy_traits;
 template <class Policy, class Quant>
 class driver {
  public:
-  using cache_t = kv::cache<kv::host_vmm, Policy, Quant>;
+  // Tiered memory (host_vmm plus a holding tier): everything host_vmm does, and hold/restore.
+  using cache_t = kv::cache<kv::tiered<kv::host_vmm>, Policy, Quant>;
   // Token-grouped keys (KIVI) are requantized when their group's window moves or a slot of the
   // group is refilled: only their values stay byte-stable.
   static constexpr bool keys_stable = !kv::quant_token_grouped<Quant>();
@@ -184,7 +185,33 @@ class driver {
         check("reclaim_idle", kv::status{});
         return verify_all();
       }
+      case 15: return do_tier();
       default: return do_append();
+    }
+  }
+
+  // A whole sequence to the holding tier, or back (a restored sequence holds its rows
+  // unchanged), or a prefetch of a tiered policy's next fetches.
+  void do_tier() {
+    const kv::seq_id s = pick_id();
+    const std::uint8_t b = in_.u8();
+    const auto d = kv::state_digest(c_);
+    if (b % 4 == 0) {
+      const std::uint32_t layer = pick_layer();
+      const kv::status st = c_.prefetch(s, layer);
+      if (st) {  // the copies run on; an error changed nothing
+        check("prefetch", st);
+      } else {
+        check("prefetch", st, d);
+      }
+      return;
+    }
+    if (c_.is_held(s)) {
+      const kv::status st = c_.restore(s);
+      check("restore", st, d);
+      if (st) verify_seq(s);
+    } else {
+      check("hold", c_.hold(s), d);
     }
   }
 
@@ -219,6 +246,9 @@ class driver {
       copy.emplace_back(k, it->second);
     }
     for (auto& [k, h] : copy) rows_[k] = h;
+    for (std::uint32_t l = 0; l < geo().layers; ++l)  // the child's policy state is the parent's
+      if (const auto it = observed_.find({p.index, p.generation, l}); it != observed_.end())
+        observed_[{r->index, r->generation, l}] = it->second;
     verify_seq(p);
     verify_seq(*r);
   }
@@ -291,11 +321,15 @@ class driver {
     const auto vw = live_view(s, layer);
     const std::uint32_t rows = vw ? vw->rows : in_.u8();
     const std::int64_t seen = vw ? vw->next_position : in_.u8();
+    const auto okey = std::make_tuple(s.index, s.generation, layer);
+    const auto last = observed_.find(okey);
+    pending_ = seen - (last == observed_.end() ? 0 : last->second);  // appended since the last observe
     auto sig = policy_traits<Policy>::make(*this, g, mode, rows, seen);
     const auto d = kv::state_digest(c_);
     const kv::status st = std::apply(
         [&](const auto&... x) { return c_.observe(s, layer, x...); }, sig.signals());
     check("observe", st, d);
+    if (st) observed_[okey] = seen;
   }
 
   void do_evict() {
@@ -309,7 +343,7 @@ class driver {
       const std::uint32_t reserve = b & 2 ? in_.u8() % 8u : (b & 4 ? in_.u32() : 0u);
       check("evict", c_.evict(s, layer, reserve), d);
     }
-    if (c_.is_open(s)) verify_seq(s);
+    if (c_.is_open(s) && !c_.is_held(s)) verify_seq(s);
   }
 
   std::uint32_t pick_budget() {
@@ -348,7 +382,7 @@ class driver {
     auto r = c_.view(s, layer);
     check("view", r ? kv::status{} : r.error(), d);
     if (r) touch(*r);
-    if (c_.is_open(s)) verify_seq(s);
+    if (c_.is_open(s) && !c_.is_held(s)) verify_seq(s);
   }
 
   void do_batch() {
@@ -382,7 +416,7 @@ class driver {
   // ---- row bookkeeping ----------------------------------------------------------------------
 
   std::optional<kv::layer_view> live_view(kv::seq_id s, std::uint32_t layer) {
-    if (!c_.is_open(s) || layer >= geo().layers) return std::nullopt;
+    if (!c_.is_open(s) || c_.is_held(s) || layer >= geo().layers) return std::nullopt;
     auto r = c_.view(s, layer);
     if (!r) fail("view of an open sequence", r.error().message());
     return *r;
@@ -440,7 +474,7 @@ class driver {
   }
   void verify_all() {
     for (const auto& s : ids_)
-      if (c_.is_open(s)) verify_seq(s);
+      if (c_.is_open(s) && !c_.is_held(s)) verify_seq(s);
   }
 
   template <class>
@@ -449,6 +483,10 @@ class driver {
   cache_t& c_;
   reader& in_;
   std::vector<kv::seq_id> ids_;  // every id handed out, closed ones included (stale handles)
+  // per (sequence, generation, layer): tokens appended when it was last observed, and for the
+  // observe being built, the tokens appended since (signals of the last append: sentence_kv)
+  std::map<std::tuple<std::uint32_t, std::uint32_t, std::uint32_t>, std::int64_t> observed_;
+  std::int64_t pending_ = 0;
   std::map<row_key, std::pair<std::uint64_t, std::uint64_t>> rows_;
 };
 
@@ -604,6 +642,33 @@ struct policy_traits<kv::scale_aware> {
 };
 
 
+// sentence_kv: queries, keys and boundary flags of the tokens appended since the last observe.
+template <>
+struct policy_traits<kv::sentence_kv> {
+  struct sig_t {
+    query_maker q, k;
+    std::vector<std::uint8_t> flags;
+    kv::boundary_signal b;
+    std::tuple<kv::query_signal, kv::key_signal, kv::boundary_signal> signals() const {
+      return {q.sig, kv::key_signal{k.sig.data, k.sig.type, k.sig.queries}, b};
+    }
+  };
+  template <class D>
+  static sig_t make(D& d, rng& g, std::uint8_t mode, std::uint32_t, std::int64_t) {
+    sig_t s;
+    std::uint32_t n = static_cast<std::uint32_t>(std::clamp<std::int64_t>(d.pending_, 0, 4096));
+    if (mode % 16 == 7) n += 1 + static_cast<std::uint32_t>(g.next() % 3);  // more than appended
+    s.q.build(g, mode, d.geo(), n);
+    kv::geometry kg = d.geo();  // keys: [tokens][kv_heads][head_dim], one row per "query head"
+    kg.query_heads = kg.kv_heads;
+    s.k.build(g, mode % 16 == 8 || mode % 16 == 9 ? 0 : mode, kg, mode % 16 == 6 ? n + 1 : n);
+    s.flags.resize(n + 1);
+    for (auto& f : s.flags) f = g.next() % 5 == 0;
+    s.b = kv::boundary_signal{mode % 16 == 5 ? nullptr : s.flags.data(), mode % 16 == 4 ? n + 1 : n};
+    return s;
+  }
+};
+
 // ---- setup: cache configuration, policy and quantizer from the first bytes -----------------
 
 struct setup {
@@ -652,10 +717,13 @@ inline kv::fp8_e4m3 make_quant<kv::fp8_e4m3>(std::uint8_t b) {
 // not (errors are returned), so the driver runs outside the try.
 template <class Policy, class Quant, class Make>
 void run_one(const setup& s, reader& in, Make make_policy) {
-  using cache_t = kv::cache<kv::host_vmm, Policy, Quant>;
+  using cache_t = typename driver<Policy, Quant>::cache_t;
   std::optional<cache_t> c;
+  // a holding tier of 8 KiB now and then: hold() must refuse cleanly when it is full
+  const std::size_t holding = s.qparam & 0x10 ? 8192 : kv::host_holding::unlimited;
   try {
-    c.emplace(s.cfg, kv::host_vmm(s.mem), make_policy(), make_quant<Quant>(s.qparam));
+    c.emplace(s.cfg, kv::tiered<kv::host_vmm>(kv::host_vmm(s.mem), kv::host_holding(holding)),
+              make_policy(), make_quant<Quant>(s.qparam));
   } catch (const kv::error& e) {
     if (std::string(e.what()).empty()) fail("construction", "error without a message");
     return;
@@ -667,6 +735,20 @@ void run_one(const setup& s, reader& in, Make make_policy) {
 template <class Quant>
 void run_quant(const setup& s, reader& in) {
   const std::uint8_t a = s.p1, b = s.p2;
+  if (s.policy >= 224) {  // sentence_kv (tiered: per-row formats only)
+    if constexpr (!kv::quant_token_grouped<Quant>()) {
+      kv::sentence_kv_config sc;
+      sc.start = a % 5u;
+      sc.recent = b % 5u;
+      sc.length_threshold = a / 8u % 2u;
+      sc.semantic_factor = a / 16u % 3u;  // 0 is refused
+      sc.snap.window = b / 8u % 6u;       // 0 is refused
+      sc.snap.kernel = 1 + b / 64u % 3u;
+      sc.max_sentence_tokens = a / 64u * 3u;
+      sc.prefetch_rows = b % 7u;
+      return run_one<kv::sentence_kv, Quant>(s, in, [&] { return kv::sentence_kv(sc); });
+    }
+  }
   switch (s.policy % 7) {
     case 0: return run_one<kv::keep_all, Quant>(s, in, [] { return kv::keep_all{}; });
     case 1:

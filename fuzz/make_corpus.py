@@ -11,12 +11,14 @@ import os
 import sys
 
 POLICIES = ["keep_all", "sink_window", "h2o_attention", "h2o_sums", "snapkv_queries",
-            "snapkv_attention", "scale_aware"]
+            "snapkv_attention", "scale_aware", "sentence_kv"]
+# The policy byte of each (driver: run_quant): its index, except sentence_kv (>= 224).
+POLICY_BYTE = {"sentence_kv": 224}
 QUANTS = ["passthrough", "fp8", "q8_0", "q4_0", "kivi_tok2", "kivi_tok4", "kivi2"]
 
 # Opcodes (op % 16 in driver::step).
-OPEN, CLOSE, FORK, APPEND, OBSERVE, EVICT, BUDGET, VIEW, AHEAD, BATCH, SYNC, RECLAIM = \
-    0, 1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14
+OPEN, CLOSE, FORK, APPEND, OBSERVE, EVICT, BUDGET, VIEW, AHEAD, BATCH, SYNC, RECLAIM, TIER = \
+    0, 1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15
 
 
 def header(policy, quant, *, layers=2, kv_heads=2, group=2, head_dim_sel=0, dtype=1,
@@ -52,6 +54,15 @@ def scenario(hostile):
         APPEND, 3, 1, 12, 0, 9,
         VIEW, 0, 1,
         RECLAIM,
+        TIER, 0, 1,                 # seq 0 to the holding tier
+        APPEND, 0, 0, 4, 0, 9,      # refused: held
+        TIER, 0, 2,                 # back
+        OBSERVE, 0, 1, 0, 9,
+        EVICT, 0, 1,
+        TIER, 0, 0, 1,              # prefetch layer 1 of seq 0
+        APPEND, 0, 1, 1, 0, 9,      # while an append goes on
+        OBSERVE, 0, 1, 0, 10,
+        EVICT, 0, 1,
     ]
     if hostile:
         ops += [
@@ -92,6 +103,7 @@ def main():
             # Vary dtype, head_dim and page size across the grid, the rest by variant below.
             base = dict(dtype=i % 3, head_dim_sel=5 if i % 4 == 3 else 0,
                         layout=16 * (i % 3), pool=8 + i % 24)
+            p = POLICY_BYTE.get(pname, p)
             seeds[f"{pname}-{qname}"] = header(p, q, **base) + scenario(hostile=(i % 2 == 0))
             if q in (0, 2):  # layouts the formats without metadata ranges take
                 seeds[f"{pname}-{qname}-head_major"] = \

@@ -510,12 +510,40 @@ class kv_sequence {
   virtual kvcache::status attend(std::uint32_t l, std::uint32_t n, const float* q, const float* k, const float* v,
                                  float* out) = 0;
   [[nodiscard]] virtual kvcache::cache_stats stats() const = 0;
+  //! True when the policy moves tokens between a working and a holding tier (SentenceKV): it is
+  //! fed before the step's attention, and needs the step's token ids (set_step_tokens).
+  [[nodiscard]] virtual bool tiered() const noexcept { return false; }
   [[nodiscard]] std::int64_t position() const noexcept { return pos_; }
   timing time;  //!< this sequence's attention and kvcache calls
+
+  //! The ids of the tokens that end a sentence (`kvcache::sentence_boundary_ids` of the
+  //! tokenizer), for policies that consume a `boundary_signal`.
+  void set_boundary_ids(std::vector<std::int32_t> ids) { boundary_ids_ = std::move(ids); }
+  //! The token ids of the next step (`n` of them, copied), for the boundary flags: the driver
+  //! calls it before each engine::forward (the engine itself sees only embeddings' ids).
+  void set_step_tokens(const std::int32_t* ids, std::uint32_t n) {
+    step_tokens_.assign(ids, ids + n);
+    step_pos_ = pos_;
+  }
+
+ protected:
+  //! Boundary flags of the step's `n` tokens into `flags`; an error when the driver did not
+  //! give this step's token ids.
+  kvcache::status step_boundaries(std::uint32_t n, std::vector<std::uint8_t>& flags) const {
+    if (step_pos_ != pos_ || step_tokens_.size() != n)
+      return {kvcache::errc::invalid_argument,
+              "kv_sequence: this policy needs the step's token ids (set_step_tokens before engine::forward)"};
+    flags.assign(n, 0);
+    for (std::uint32_t i = 0; i < n; ++i)
+      flags[i] = std::find(boundary_ids_.begin(), boundary_ids_.end(), step_tokens_[i]) != boundary_ids_.end();
+    return {};
+  }
 
  private:
   friend class engine;  // advances the position after each step
   std::int64_t pos_ = 0;
+  std::int64_t step_pos_ = -1;  // position() when set_step_tokens was called
+  std::vector<std::int32_t> step_tokens_, boundary_ids_;
 };
 
 //! A sequence of a `kvcache::cache`: how an engine drives the library, one layer at a time.
@@ -533,10 +561,21 @@ class cache_sequence final : public kv_sequence {
   [[nodiscard]] Cache& cache() noexcept { return kc_; }
   [[nodiscard]] kvcache::seq_id id() const noexcept { return seq_; }
   [[nodiscard]] kvcache::cache_stats stats() const override { return kc_.stats(); }
+  [[nodiscard]] bool tiered() const noexcept override { return is_tiered; }
 
   kvcache::status attend(std::uint32_t l, std::uint32_t n, const float* q, const float* k, const float* v,
                          float* out) override {
-    const std::uint32_t D = c_.head_dim, QH = c_.heads, KH = c_.kv_heads, G = QH / KH;
+    if constexpr (is_tiered) return attend_tiered(l, n, q, k, v, out);
+    else return attend_then_evict(l, n, q, k, v, out);
+  }
+
+ private:
+  static constexpr bool is_tiered = kvcache::tiered_policy<typename Cache::policy_type>;
+
+  //! Append, attend over the view, then feed the policy (what the step computed) and evict.
+  kvcache::status attend_then_evict(std::uint32_t l, std::uint32_t n, const float* q, const float* k,
+                                    const float* v, float* out) {
+    const std::uint32_t D = c_.head_dim, KH = c_.kv_heads;
     auto t0 = std::chrono::steady_clock::now();
     const kvcache::kv_tensor kt{k, kvcache::dtype::f32, n, KH, D};
     const kvcache::kv_tensor vt{v, kvcache::dtype::f32, n, KH, D};
@@ -545,7 +584,59 @@ class cache_sequence final : public kv_sequence {
     if (!vr) return vr.error();
     const kvcache::layer_view view = *vr;
     time.cache += seconds_since(t0);
+    attention(view, n, q, out);
     t0 = std::chrono::steady_clock::now();
+    // the signal the policy declares: the probabilities just computed (H2O), or the queries (SnapKV)
+    constexpr bool want_probs = Cache::template consumes<kvcache::attention_signal>;
+    const std::uint32_t QH = c_.heads, R = view.rows;
+    if constexpr (want_probs) {
+      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::attention_signal{probs_.data(), QH, n, R}));
+    } else if constexpr (Cache::template consumes<kvcache::query_signal>) {
+      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::query_signal{q, kvcache::dtype::f32, n}));
+    }
+    KVCACHE_TRY(kc_.evict(seq_, l));
+    time.cache += seconds_since(t0);
+    return {};
+  }
+
+  //! A tiered policy (SentenceKV) picks what this step's queries attend to: append, feed it the
+  //! step's queries, keys and sentence boundaries, evict (demote, drop, promote), then attend over
+  //! the view, then prefetch what its next evict of this layer will probably promote (staged in
+  //! the background while the rest of the step runs).
+  kvcache::status attend_tiered(std::uint32_t l, std::uint32_t n, const float* q, const float* k, const float* v,
+                                float* out) {
+    const std::uint32_t D = c_.head_dim, KH = c_.kv_heads;
+    auto t0 = std::chrono::steady_clock::now();
+    if constexpr (Cache::template consumes<kvcache::boundary_signal>) KVCACHE_TRY(step_boundaries(n, flags_));
+    const kvcache::kv_tensor kt{k, kvcache::dtype::f32, n, KH, D};
+    const kvcache::kv_tensor vt{v, kvcache::dtype::f32, n, KH, D};
+    KVCACHE_TRY(kc_.append(seq_, l, kt, vt));
+    // exactly the signals the policy declares, from these three
+    auto pick = [](const auto& sig) {
+      if constexpr (Cache::template consumes<std::decay_t<decltype(sig)>>) return std::tuple(sig);
+      else return std::tuple<>();
+    };
+    const auto sigs = std::tuple_cat(pick(kvcache::query_signal{q, kvcache::dtype::f32, n}),
+                                     pick(kvcache::key_signal{k, kvcache::dtype::f32, n}),
+                                     pick(kvcache::boundary_signal{flags_.data(), n}));
+    if constexpr (std::tuple_size_v<std::decay_t<decltype(sigs)>> != 0)
+      KVCACHE_TRY(std::apply([&](const auto&... s) { return kc_.observe(seq_, l, s...); }, sigs));
+    KVCACHE_TRY(kc_.evict(seq_, l));
+    auto vr = kc_.view(seq_, l);
+    if (!vr) return vr.error();
+    time.cache += seconds_since(t0);
+    attention(*vr, n, q, out);
+    t0 = std::chrono::steady_clock::now();
+    KVCACHE_TRY(kc_.prefetch(seq_, l));
+    time.cache += seconds_since(t0);
+    return {};
+  }
+
+  //! The step's queries over a layer's view into `out` (probs_ filled when the policy consumes
+  //! attention probabilities); timed as attention.
+  void attention(const kvcache::layer_view& view, std::uint32_t n, const float* q, float* out) {
+    const std::uint32_t D = c_.head_dim, QH = c_.heads, KH = c_.kv_heads, G = QH / KH;
+    const auto t0 = std::chrono::steady_clock::now();
     const std::uint32_t R = view.rows;
     // K/V as fp32 [rows][kv_heads][D]: in place for fp32 passthrough, else decoded.
     const float* K;
@@ -588,25 +679,15 @@ class cache_sequence final : public kv_sequence {
       }
     });
     time.attention += seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    // the signal the policy declares: the probabilities just computed (H2O), or the queries (SnapKV)
-    if constexpr (want_probs) {
-      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::attention_signal{probs_.data(), QH, n, R}));
-    } else if constexpr (Cache::template consumes<kvcache::query_signal>) {
-      KVCACHE_TRY(kc_.observe(seq_, l, kvcache::query_signal{q, kvcache::dtype::f32, n}));
-    }
-    KVCACHE_TRY(kc_.evict(seq_, l));
-    time.cache += seconds_since(t0);
-    return {};
   }
 
- private:
   std::unique_ptr<Cache> owned_;  // null when the cache is shared
   Cache& kc_;
   const config& c_;
   thread_pool& pool_;
   kvcache::seq_id seq_;
   std::vector<float> kd_, vd_, probs_;
+  std::vector<std::uint8_t> flags_;  // the step's sentence boundaries (tiered policies)
 };
 
 //! The forward pass over a batch of sequences: every weight matrix is read once per step for all
@@ -627,8 +708,10 @@ class engine {
 
   //! One step: sequence `seqs[s]` consumes `tokens[s*n .. s*n+n)` at its position. `logits`:
   //! `[seqs][n][vocab]` when `all_logits`, else each sequence's last token `[seqs][vocab]`; may be null.
+  //! `hidden`, when not null, gets every row's final hidden state (after the output norm, what the
+  //! LM head reads), `[seqs][n][hidden]` (segment embeddings: episodes.cpp mean-pools them).
   kvcache::status forward(std::span<kv_sequence* const> seqs, const std::int32_t* tokens, std::uint32_t n,
-                          float* logits, bool all_logits = false) {
+                          float* logits, bool all_logits = false, float* hidden = nullptr) {
     const auto t_start = std::chrono::steady_clock::now();
     const config& c = w_.cfg;
     const std::size_t H = c.hidden, QD = std::size_t{c.heads} * c.head_dim,
@@ -679,6 +762,7 @@ class engine {
       s->pos_ += n;
       s->time.tokens += n;
     }
+    if (hidden) rmsnorm(x_.data(), w_.out_norm.data(), hidden, rows, H, c.eps);
     if (logits) {
       // the rows that need logits, gathered so that the LM head reads its weights once
       const std::uint32_t first = all_logits ? 0 : n - 1, m = all_logits ? n : 1;
@@ -693,10 +777,14 @@ class engine {
 
   //! forward() of one sequence.
   kvcache::status forward(kv_sequence& seq, const std::int32_t* tokens, std::uint32_t n, float* logits,
-                          bool all_logits = false) {
+                          bool all_logits = false, float* hidden = nullptr) {
     kv_sequence* one[] = {&seq};
-    return forward(one, tokens, n, logits, all_logits);
+    return forward(one, tokens, n, logits, all_logits, hidden);
   }
+
+  //! Moves `seq` to `pos` (its next token's position): a probe (episodes.hpp) that views another
+  //! sequence's cache without appending starts each pass at that sequence's position.
+  static void set_position(kv_sequence& seq, std::int64_t pos) noexcept { seq.pos_ = pos; }
 
   //! y[t][o] = W[o]·x[t] for W `[rows][cols]`, x `[n][cols]`, y `[n][rows]`, split over the pool.
   void matmul(const matrix& W, std::size_t rows, std::size_t cols, const float* x, std::size_t n, float* y) {

@@ -14,19 +14,28 @@
 //   smollm [--model PATH] --bench-decode N [--context C]              decode speed at context C
 //   smollm [--model PATH] --info                                      metadata and tensors
 //   smollm [--model PATH] --tokenize FILE                             the token ids of all of FILE
-// common: --policy keep_all|sink_window|heavy_hitter|snapkv  --budget R (ratio of the tokens)
+// common: --policy keep_all|sink_window|heavy_hitter|snapkv|sentence_kv  --budget R (ratio of the tokens)
 //         | --budget-tokens N   --quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2   --threads N
 //         --weights f16|f32 (how the dequantized weights are kept; default f16)
+// sentence_kv (SentenceKV: sentences demoted to a holding tier, the best-scoring ones promoted back
+// for each step) runs in a kvcache::tiered<host_vmm>; its budget is the working tier's tokens per
+// head, like the other policies'. Its rows also report the bytes promoted per token and the share
+// of promoted rows that a prefetch had staged. The paper's defaults (32 sinks, 32 recent, no
+// retrieval for a sentence's first token, sentences capped at 100 tokens) can be changed per row:
+// "sentence_kv:start=N,recent=N,threshold=N,max_sentence=N@0.2".
 
 #include "gguf.hpp"
 #include "model.hpp"
 #include "tokenizer.hpp"
 
 #include <kvcache/kvcache.hpp>
+#include <kvcache/evict/sentence.hpp>
+#include <kvcache/memory/tiered.hpp>
 #include <kvcache/quant/fp8_e4m3.hpp>
 #include <kvcache/quant/ggml_blocks.hpp>
 #include <kvcache/quant/kivi.hpp>
 
+#include <algorithm>
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -37,6 +46,8 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -74,6 +85,7 @@ struct options {
   variant v;
   std::uint32_t max_new = 64, window = 512, chunk = 1, bench = 0, context = 1024;
   unsigned threads = 0;
+  std::vector<std::int32_t> boundary_ids;  // the tokenizer's sentence ends (sentence_kv)
   bool chat = false, info = false, weights_f32 = false, kl = false;
 };
 
@@ -104,11 +116,15 @@ struct run_shape {
   thread_pool& pool;
   std::uint32_t total = 0;  // tokens the run appends
   std::uint32_t step = 1;   // the most tokens one forward() appends before the policy evicts
+  const std::vector<std::int32_t>* boundary_ids = nullptr;  // sentence ends (sentence_kv)
 };
 
 template <class Policy, class Quant>
 std::unique_ptr<kv_sequence> make_sequence(const run_shape& rs, const variant& v, Policy policy, Quant quant) {
-  using cache_t = kvcache::cache<kvcache::host_vmm, Policy, Quant>;
+  // tiered policies (sentence_kv) demote to a holding tier behind the working tier
+  constexpr bool tiered = kvcache::tiered_policy<Policy>;
+  using memory_t = std::conditional_t<tiered, kvcache::tiered<kvcache::host_vmm>, kvcache::host_vmm>;
+  using cache_t = kvcache::cache<memory_t, Policy, Quant>;
   const std::uint32_t budget = v.budget(rs.total);
   const bool evicts = v.policy != "keep_all" && budget < rs.total;
   kvcache::cache_config cfg;
@@ -119,8 +135,10 @@ std::unique_ptr<kv_sequence> make_sequence(const run_shape& rs, const variant& v
   vm.page_size = 64 * 1024;
   vm.pool_pages = 6 * std::size_t{cfg.geo.layers} *
                   (std::size_t{cfg.max_tokens} * cfg.geo.token_bytes() / vm.page_size + 2);
-  auto kc = std::make_unique<cache_t>(cfg, kvcache::host_vmm{vm}, std::move(policy), std::move(quant));
-  return std::make_unique<cache_sequence<cache_t>>(std::move(kc), rs.w.cfg, rs.pool);
+  auto kc = std::make_unique<cache_t>(cfg, memory_t{kvcache::host_vmm{vm}}, std::move(policy), std::move(quant));
+  auto seq = std::make_unique<cache_sequence<cache_t>>(std::move(kc), rs.w.cfg, rs.pool);
+  if (rs.boundary_ids) seq->set_boundary_ids(*rs.boundary_ids);
+  return seq;
 }
 
 template <class Policy>
@@ -153,8 +171,32 @@ kvcache::result<std::unique_ptr<kv_sequence>> new_sequence(const run_shape& rs, 
     return pick_quant(rs, v, kvcache::heavy_hitter<kvcache::attention_signal>(hc));
   }
   if (v.policy == "snapkv") return pick_quant(rs, v, kvcache::snapkv<kvcache::query_signal>());
+  if (v.policy == "sentence_kv" || v.policy.rfind("sentence_kv:", 0) == 0) {
+    // the paper's defaults, or "sentence_kv:start=N,recent=N,threshold=N,max_sentence=N"; the
+    // budget is the cache's
+    if (v.quant != "none")
+      return kvcache::status{kvcache::errc::invalid_argument, "sentence_kv runs with quantizer none only"};
+    kvcache::sentence_kv_config sc;
+    std::stringstream opts(v.policy.size() > 12 ? v.policy.substr(12) : std::string());
+    for (std::string kv; std::getline(opts, kv, ',');) {
+      const auto eq = kv.find('=');
+      char* end = nullptr;
+      const unsigned long x = eq == std::string::npos ? 0 : std::strtoul(kv.c_str() + eq + 1, &end, 10);
+      const std::string key = kv.substr(0, eq);
+      if (eq == std::string::npos || end == kv.c_str() + eq + 1 || *end != '\0')
+        return kvcache::status{kvcache::errc::invalid_argument, "sentence_kv option '" + kv + "' is not key=N"};
+      if (key == "start") sc.start = static_cast<std::uint32_t>(x);
+      else if (key == "recent") sc.recent = static_cast<std::uint32_t>(x);
+      else if (key == "threshold") sc.length_threshold = static_cast<std::uint32_t>(x);
+      else if (key == "max_sentence") sc.max_sentence_tokens = static_cast<std::uint32_t>(x);
+      else
+        return kvcache::status{kvcache::errc::invalid_argument,
+                               "sentence_kv option '" + key + "' (start|recent|threshold|max_sentence)"};
+    }
+    return make_sequence(rs, v, kvcache::sentence_kv{sc}, kvcache::passthrough{});
+  }
   return kvcache::status{kvcache::errc::invalid_argument,
-                         "unknown policy '" + v.policy + "' (keep_all|sink_window|heavy_hitter|snapkv)"};
+                         "unknown policy '" + v.policy + "' (keep_all|sink_window|heavy_hitter|snapkv|sentence_kv)"};
 }
 
 //! "policy[@budget][/quant]": budget a ratio in (0, 1] or a token count ("128t").
@@ -182,6 +224,23 @@ kvcache::result<variant> parse_variant(const std::string& spec) {
 
 // ---- perplexity ---------------------------------------------------------------------------------
 
+//! The holding tier's traffic of a tiered cache over a run of `n` tokens, in one line;
+//! `working`: the mean tokens per head its attention saw.
+std::string tier_line(const kvcache::cache_stats& st, std::uint32_t n, double working) {
+  const auto& t = st.tier;
+  const std::uint64_t fetched = t.rows_hit + t.rows_missed;
+  char b[512];
+  std::snprintf(b, sizeof b,
+                "mean working set %.1f tokens per head; holding tier: %.1f KiB/token demoted, %.1f KiB/token "
+                "promoted, %.1f KiB/token prefetched; promoted rows %llu, %.1f%% staged by a prefetch (%llu "
+                "waits); held %.2f MiB at the end, peak %.2f MiB, %zu groups",
+                working, t.bytes_demoted / 1024.0 / n, t.bytes_promoted / 1024.0 / n,
+                t.bytes_prefetched / 1024.0 / n, static_cast<unsigned long long>(fetched),
+                fetched ? 100.0 * t.rows_hit / fetched : 0.0, static_cast<unsigned long long>(t.prefetch_waits),
+                t.bytes_held / 1048576.0, t.peak_bytes_held / 1048576.0, t.groups);
+  return b;
+}
+
 //! A variant's running totals over the predicted tokens.
 struct score {
   double nll = 0, kl = 0, kl_max = 0;
@@ -194,7 +253,7 @@ struct score {
 int perplexity(const options& o, const weights& w, thread_pool& pool, const std::vector<std::int32_t>& ids,
                const std::vector<variant>& variants, bool table) {
   const std::uint32_t n = static_cast<std::uint32_t>(ids.size()), V = w.cfg.vocab;
-  const run_shape rs{w, pool, n, o.chunk};
+  const run_shape rs{w, pool, n, o.chunk, &o.boundary_ids};
   std::vector<std::unique_ptr<kv_sequence>> seqs;
   for (const variant& v : variants) {
     auto s = new_sequence(rs, v);
@@ -230,14 +289,22 @@ int perplexity(const options& o, const weights& w, thread_pool& pool, const std:
   std::vector<float> logits(S * o.chunk * std::size_t{V});
   std::vector<double> ref_p(V);  // the reference's next-token probabilities, one row at a time
   std::vector<score> sc(S);
+  std::vector<double> live_sum(S);  // tiered sequences: live entries after each step (what attention saw)
+  std::uint32_t steps = 0;
   const double t0 = now_s();
   for (std::uint32_t at = 0; at < n; at += o.chunk) {
     const std::uint32_t m = std::min(o.chunk, n - at);
-    for (std::size_t s = 0; s < S; ++s) std::copy_n(ids.data() + at, m, step_tokens.data() + s * m);
+    for (std::size_t s = 0; s < S; ++s) {
+      std::copy_n(ids.data() + at, m, step_tokens.data() + s * m);
+      batch[s]->set_step_tokens(step_tokens.data() + s * m, m);
+    }
     if (auto st = e.forward(batch, step_tokens.data(), m, logits.data(), true); !st) {
       std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
       return 1;
     }
+    ++steps;
+    for (std::size_t s = 0; s < S; ++s)
+      if (batch[s]->tiered()) live_sum[s] += double(batch[s]->stats().entries_live);
     if (table && (at + m) / 256 != at / 256)  // a long sweep says how far it is
       std::fprintf(stderr, "smollm: %u of %u tokens, %.0f s\n", at + m, n, now_s() - t0);
     auto row = [&](std::size_t s, std::uint32_t t) { return logits.data() + (s * m + t) * V; };
@@ -283,6 +350,7 @@ int perplexity(const options& o, const weights& w, thread_pool& pool, const std:
   for (auto* s : batch) own_sum += s->time.attention + s->time.cache;
   const double common = std::max(0.0, e.time.total - own_sum) / double(S);
   auto step_s = [&](std::size_t s) { return common + batch[s]->time.attention + batch[s]->time.cache; };
+  auto working = [&](std::size_t s) { return live_sum[s] / (double(steps) * w.cfg.layers * w.cfg.kv_heads); };
 
   if (!table) {  // one variant: the lines a script reads
     const score& c = sc[0];
@@ -296,27 +364,46 @@ int perplexity(const options& o, const weights& w, thread_pool& pool, const std:
                 "attention %.1f%%\n",
                 st.bytes_live / 1048576.0, st.bytes_backed / 1048576.0, n / step_s(0),
                 100.0 * batch[0]->time.cache / step_s(0), 100.0 * batch[0]->time.attention / step_s(0));
+    if (batch[0]->tiered()) std::printf("%s\n", tier_line(st, n, working(0)).c_str());
     return 0;
   }
   const double ref_ppl = std::exp(sc[ref].nll / sc[ref].n);
   std::printf("%u tokens (%u predicted), chunk %u, %zu sequences in lockstep, %u threads: %.1f s, %.1f tok/s "
               "for the batch\n\n",
               n, sc[0].n, o.chunk, S, pool.size(), wall, double(n) * S / wall);
+  // tiered policies (sentence_kv): two more columns, the holding tier's traffic
+  const bool any_tiered = std::any_of(batch.begin(), batch.end(), [](const kv_sequence* s) { return s->tiered(); });
   std::printf("| configuration | budget | perplexity | Δ vs keep_all | mean KL (nats) | top-1 agree | KV live "
-              "(MiB) | tok/s* | in kvcache* |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+              "(MiB) | tok/s* | in kvcache* |%s\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |%s\n",
+              any_tiered ? " promoted (KiB/token) | prefetch hits |" : "", any_tiered ? " --- | --- |" : "");
   for (std::size_t s = 0; s < variants.size(); ++s) {
     const score& c = sc[s];
     const double ppl = std::exp(c.nll / c.n);
     const auto st = batch[s]->stats();
     const variant& v = variants[s];
-    std::printf("| %s | %u | %.4f | %+.1f%% | %.4f | %.1f%% | %.2f | %.1f | %.2f%% |\n", v.name().c_str(),
+    std::printf("| %s | %u | %.4f | %+.1f%% | %.4f | %.1f%% | %.2f | %.1f | %.2f%% |", v.name().c_str(),
                 v.policy == "keep_all" ? n : v.budget(n), ppl, 100.0 * (ppl / ref_ppl - 1), c.kl / c.n,
                 100.0 * c.top1 / c.n, st.bytes_live / 1048576.0, n / step_s(s),
                 100.0 * batch[s]->time.cache / step_s(s));
+    if (any_tiered) {
+      const auto& t = st.tier;
+      const std::uint64_t fetched = t.rows_hit + t.rows_missed;
+      if (!batch[s]->tiered()) std::printf(" — | — |");
+      else if (fetched == 0) std::printf(" %.1f | — |", t.bytes_promoted / 1024.0 / n);
+      else std::printf(" %.1f | %.1f%% |", t.bytes_promoted / 1024.0 / n, 100.0 * t.rows_hit / fetched);
+    }
+    std::printf("\n");
   }
   std::printf("\n* per sequence: its own attention and kvcache time plus 1/%zu of the batch's shared matmuls; "
               "measure a lone run with --ppl or --bench-decode for real tokens/s.\n",
               S);
+  if (any_tiered) {
+    std::printf("promoted: bytes copied from the holding tier back to the working tier (all layers and heads) per "
+                "token; prefetch hits: promoted rows a prefetch had staged, of all promoted rows.\n");
+    for (std::size_t s = 0; s < variants.size(); ++s)
+      if (batch[s]->tiered())
+        std::printf("%s: %s\n", variants[s].name().c_str(), tier_line(batch[s]->stats(), n, working(s)).c_str());
+  }
   std::fflush(stdout);
   return 0;
 }
@@ -326,7 +413,7 @@ int perplexity(const options& o, const weights& w, thread_pool& pool, const std:
 int generate(const options& o, const weights& w, thread_pool& pool, const tokenizer& tok,
              const std::vector<std::int32_t>& prompt) {
   const std::uint32_t total = static_cast<std::uint32_t>(prompt.size()) + o.max_new;
-  auto seq = new_sequence(run_shape{w, pool, total, static_cast<std::uint32_t>(prompt.size())}, o.v);
+  auto seq = new_sequence(run_shape{w, pool, total, static_cast<std::uint32_t>(prompt.size()), &o.boundary_ids}, o.v);
   if (!seq) {
     std::fprintf(stderr, "smollm: %s\n", seq.error().message().c_str());
     return 2;
@@ -334,6 +421,7 @@ int generate(const options& o, const weights& w, thread_pool& pool, const tokeni
   engine e(w, pool);
   std::vector<float> logits(w.cfg.vocab);
   const double t0 = now_s();
+  (*seq)->set_step_tokens(prompt.data(), static_cast<std::uint32_t>(prompt.size()));
   if (auto st = e.forward(**seq, prompt.data(), static_cast<std::uint32_t>(prompt.size()), logits.data()); !st) {
     std::fprintf(stderr, "smollm: %s\n", st.message().c_str());
     return 1;
@@ -349,6 +437,7 @@ int generate(const options& o, const weights& w, thread_pool& pool, const tokeni
       ++produced;
       break;
     }
+    (*seq)->set_step_tokens(&next, 1);
     if (auto st = e.forward(**seq, &next, 1, logits.data()); !st) {
       std::fprintf(stderr, "\nsmollm: %s\n", st.message().c_str());
       return 1;
@@ -362,7 +451,7 @@ int generate(const options& o, const weights& w, thread_pool& pool, const tokeni
 
 // prefill `context` tokens (the prompt repeated), then decode `bench` tokens greedily
 int bench_decode(const options& o, const weights& w, thread_pool& pool, const std::vector<std::int32_t>& prompt) {
-  auto seq = new_sequence(run_shape{w, pool, o.context + o.bench, 64}, o.v);
+  auto seq = new_sequence(run_shape{w, pool, o.context + o.bench, 64, &o.boundary_ids}, o.v);
   if (!seq) {
     std::fprintf(stderr, "smollm: %s\n", seq.error().message().c_str());
     return 2;
@@ -376,6 +465,7 @@ int bench_decode(const options& o, const weights& w, thread_pool& pool, const st
   double t0 = now_s();
   for (std::uint32_t at = 0; at < o.context; at += 64) {
     const std::uint32_t m = std::min<std::uint32_t>(64, o.context - at);
+    s.set_step_tokens(ctx.data() + at, m);
     e.forward(s, ctx.data() + at, m, logits.data()).check();
   }
   const double prefill = now_s() - t0;
@@ -384,6 +474,7 @@ int bench_decode(const options& o, const weights& w, thread_pool& pool, const st
   t0 = now_s();
   for (std::uint32_t i = 0; i < o.bench; ++i) {
     const auto next = static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    s.set_step_tokens(&next, 1);
     e.forward(s, &next, 1, logits.data()).check();
   }
   const double secs = now_s() - t0;
@@ -434,7 +525,7 @@ int usage(std::FILE* to = stderr) {
                "usage: smollm [--model PATH] (--prompt TEXT [--max-new N] [--chat] | --ppl FILE [--window N] "
                "[--chunk C] [--kl] [--token-ids FILE] [--dump-logits FILE] [--sweep SPECS] | --bench-decode N "
                "[--context C] | --info | --tokenize FILE)\n"
-               "              [--policy keep_all|sink_window|heavy_hitter|snapkv] [--budget R | "
+               "              [--policy keep_all|sink_window|heavy_hitter|snapkv|sentence_kv] [--budget R | "
                "--budget-tokens N]\n"
                "              [--quant none|fp8|q8_0|q4_0|kivi8|kivi4|kivi2] [--threads N] [--weights f16|f32]\n"
                "  --sweep \"keep_all;heavy_hitter@0.25;snapkv@128t;keep_all/kivi4\": SPEC = "
@@ -549,6 +640,11 @@ int main(int argc, char** argv) {
     for (const auto id : tok.encode(text)) std::printf("%d\n", static_cast<int>(id));
     return 0;
   }
+  // SentenceKV's sentence ends: the boundary strings that are one token of this vocabulary
+  o.boundary_ids = kvcache::sentence_boundary_ids([&](std::string_view piece) -> std::int32_t {
+    const auto ids = tok.encode(std::string(piece));
+    return ids.size() == 1 ? ids[0] : -1;
+  });
   const double t0 = now_s();
   auto w = load(*f, o.weights_f32 ? weight_format::f32 : weight_format::f16);
   if (!w) {

@@ -5,11 +5,14 @@
 // forward pass computed here. With the real model in ${XDG_CACHE_HOME:-~/.cache}/kvcache, it
 // also checks the perplexity of a fixed KJV passage. Exit status: 0 when every check passes.
 
+#include "test_check.hpp"
 #include "gguf.hpp"
 #include "model.hpp"
 #include "tokenizer.hpp"
 
 #include <kvcache/kvcache.hpp>
+#include <kvcache/evict/sentence.hpp>
+#include <kvcache/memory/tiered.hpp>
 #include <kvcache/quant/ggml_blocks.hpp>
 
 #include <cmath>
@@ -18,24 +21,27 @@
 #include <fstream>
 #include <unistd.h>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-int failures = 0;
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      ++failures;                                                     \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
-      std::printf(__VA_ARGS__);                                       \
-      std::printf("\n");                                              \
-    }                                                                 \
-  } while (0)
+using smollm_test::failures;
 
 using namespace smollm;
+
+//! A cache for decoding token by token: `budget` tokens (+1 for the step's own), 0 = all `tokens`.
+kvcache::cache_config token_budget_config(const config& c, std::size_t tokens, std::uint32_t budget) {
+  kvcache::cache_config cfg;
+  cfg.geo = kv_geometry(c);
+  cfg.max_tokens = budget ? budget + 1 : static_cast<std::uint32_t>(tokens);
+  cfg.budget = budget;
+  return cfg;
+}
 
 // ---- a GGUF writer -------------------------------------------------------------------------------
 
@@ -512,22 +518,34 @@ std::vector<double> naive_forward(const weights& W, const std::vector<std::int32
   return logits;
 }
 
+//! The memory a policy's cache needs: a tiered one (a holding tier behind host_vmm) for tiered
+//! policies (SentenceKV), else host_vmm.
+template <class Policy>
+using memory_for = std::conditional_t<kvcache::tiered_policy<Policy>, kvcache::tiered<kvcache::host_vmm>,
+                                      kvcache::host_vmm>;
+
+//! The logits of every token of `toks`, fed `chunk` at a time; `boundary`: the sentence-ending
+//! token ids (policies that consume boundary_signal get each step's ids, as the tool gives them).
 template <class Policy, class Quant = kvcache::passthrough>
 std::vector<float> run_engine(const weights& W, const std::vector<std::int32_t>& toks, std::uint32_t chunk,
-                              thread_pool& pool, Policy policy = {}, std::uint32_t budget = 0, Quant quant = {}) {
+                              thread_pool& pool, Policy policy = {}, std::uint32_t budget = 0, Quant quant = {},
+                              const std::vector<std::int32_t>& boundary = {}) {
   kvcache::cache_config cfg;
   cfg.geo = kv_geometry(W.cfg);
   cfg.max_tokens = budget ? budget + chunk : static_cast<std::uint32_t>(toks.size());
   cfg.budget = budget;
   kvcache::host_vmm_config vm;
   vm.pool_pages = 6 * std::size_t{cfg.geo.layers} * (std::size_t{cfg.max_tokens} * cfg.geo.token_bytes() / vm.page_size + 2);
-  kvcache::cache<kvcache::host_vmm, Policy, Quant> kc(cfg, kvcache::host_vmm{vm}, std::move(policy), std::move(quant));
+  kvcache::cache<memory_for<Policy>, Policy, Quant> kc(cfg, memory_for<Policy>{kvcache::host_vmm{vm}},
+                                                       std::move(policy), std::move(quant));
   cache_sequence<decltype(kc)> seq(kc, W.cfg, pool);
+  seq.set_boundary_ids(boundary);
   engine e(W, pool);
   const std::uint32_t V = W.cfg.vocab;
   std::vector<float> logits(toks.size() * V);
   for (std::uint32_t at = 0; at < toks.size(); at += chunk) {
     const std::uint32_t m = std::min<std::uint32_t>(chunk, static_cast<std::uint32_t>(toks.size()) - at);
+    seq.set_step_tokens(toks.data() + at, m);
     auto st = e.forward(seq, toks.data() + at, m, logits.data() + std::size_t{at} * V, true);
     CHECK(st.ok(), "forward: %s", st.message().c_str());
     if (!st) break;
@@ -600,13 +618,7 @@ void test_forward() {
   // A batch of sequences of different cache types gives each sequence exactly what it gets alone
   // (the tool's --sweep relies on it): one weight pass, per-sequence attention.
   {
-    auto make_cfg = [&](std::uint32_t budget) {
-      kvcache::cache_config cfg;
-      cfg.geo = kv_geometry(w->cfg);
-      cfg.max_tokens = budget ? budget + 1 : static_cast<std::uint32_t>(toks.size());
-      cfg.budget = budget;
-      return cfg;
-    };
+    auto make_cfg = [&](std::uint32_t budget) { return token_budget_config(w->cfg, toks.size(), budget); };
     kvcache::host_vmm_config vm;
     vm.pool_pages = 256;
     using full_t = kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::passthrough>;
@@ -664,6 +676,136 @@ void test_forward() {
   bad.tensors[3].values.resize(1024);
   auto fb = gguf::file::from_bytes(tiny_image(bad).bytes, "bad");
   CHECK(fb.ok() && !load(*fb).ok(), "wrong shape accepted");
+}
+
+// ---- SentenceKV through the engine -------------------------------------------------------------
+
+using sentence_cache = kvcache::cache<kvcache::tiered<kvcache::host_vmm>, kvcache::sentence_kv, kvcache::passthrough>;
+
+//! SentenceKV scaled down to the tiny model: 4 sinks, 4 recent tokens.
+kvcache::sentence_kv tiny_sentence_kv() {
+  kvcache::sentence_kv_config sc;
+  sc.start = 4;
+  sc.recent = 4;
+  return kvcache::sentence_kv(sc);
+}
+
+std::unique_ptr<sentence_cache> new_sentence_cache(const config& c, std::uint32_t budget) {
+  kvcache::cache_config cfg;
+  cfg.geo = kv_geometry(c);
+  cfg.max_tokens = budget + 1;
+  cfg.budget = budget;
+  kvcache::host_vmm_config vm;
+  vm.pool_pages = 256;
+  return std::make_unique<sentence_cache>(cfg, kvcache::tiered<kvcache::host_vmm>(kvcache::host_vmm{vm}),
+                                          tiny_sentence_kv());
+}
+
+// The engine drives a tiered policy as the paper's decode loop does: each step's queries, keys and
+// sentence ends (from the step's token ids) before its attention, which sees at most the budget.
+void test_sentence_kv() {
+  std::mt19937 rng(11);
+  const tiny t = make_tiny(rng);
+  auto f = gguf::file::from_bytes(tiny_image(t).bytes, "tiny");
+  auto w = f ? load(*f) : kvcache::result<weights>(f.error());
+  CHECK(w.ok(), "%s", w.ok() ? "" : w.error().message().c_str());
+  if (!w) return;
+  // 120 tokens in sentences of 4 to 11 tokens, each ending with token 13 (the synthetic ".")
+  const std::vector<std::int32_t> boundary = {13};
+  std::vector<std::int32_t> toks;
+  while (toks.size() < 120) {
+    const std::size_t len = 3 + rng() % 8;
+    for (std::size_t i = 0; i < len && toks.size() < 119; ++i) toks.push_back(20 + static_cast<std::int32_t>(rng() % 280));
+    toks.push_back(13);
+  }
+  thread_pool pool(2);
+  const std::uint32_t budget = 24, V = w->cfg.vocab, KH = w->cfg.kv_heads;
+  {  // alone: every step's view per head within the budget; sentences demoted, then promoted
+    cache_sequence<sentence_cache> s(new_sentence_cache(w->cfg, budget), w->cfg, pool);
+    CHECK(s.tiered(), "a sentence_kv sequence is not tiered");
+    s.set_boundary_ids(boundary);
+    engine e(*w, pool);
+    std::vector<float> logits(V);
+    std::uint32_t most = 0;
+    std::uint64_t promoted_after_close = 0;
+    for (std::uint32_t at = 0; at < toks.size(); ++at) {
+      s.set_step_tokens(&toks[at], 1);
+      const auto st = e.forward(s, &toks[at], 1, logits.data());
+      CHECK(st.ok(), "sentence_kv forward at %u: %s", at, st.message().c_str());
+      if (!st) return;
+      for (std::uint32_t l = 0; l < w->cfg.layers; ++l) {
+        auto vr = s.cache().view(s.id(), l);
+        CHECK(vr.ok(), "view");
+        if (!vr) return;
+        for (std::uint32_t h = 0; h < KH; ++h) {
+          std::uint32_t live = 0;
+          for (std::uint32_t r = 0; r < vr->rows; ++r) live += vr->positions[std::size_t{r} * KH + h] >= 0;
+          most = std::max(most, live);
+          CHECK(live <= budget, "step %u, layer %u, head %u: %u tokens in the view, budget %u", at, l, h, live, budget);
+        }
+      }
+      if (at == 60) promoted_after_close = s.stats().tier.bytes_promoted;
+    }
+    const auto ts = s.stats().tier;
+    std::printf("tiny model, sentence_kv at budget %u of %zu tokens: at most %u per head in a view; %llu B "
+                "demoted, %llu B promoted, %llu B prefetched, %llu rows hit, %llu missed\n",
+                budget, toks.size(), most, static_cast<unsigned long long>(ts.bytes_demoted),
+                static_cast<unsigned long long>(ts.bytes_promoted), static_cast<unsigned long long>(ts.bytes_prefetched),
+                static_cast<unsigned long long>(ts.rows_hit), static_cast<unsigned long long>(ts.rows_missed));
+    CHECK(most == budget, "the views never filled the budget (%u of %u)", most, budget);
+    CHECK(ts.bytes_demoted > 0, "nothing demoted");
+    CHECK(promoted_after_close > 0 && ts.bytes_promoted > promoted_after_close,
+          "sentences closed but nothing promoted (%llu B at token 60, %llu B at the end)",
+          static_cast<unsigned long long>(promoted_after_close), static_cast<unsigned long long>(ts.bytes_promoted));
+    // without the step's token ids: an error, the cache untouched
+    cache_sequence<sentence_cache> bare(new_sentence_cache(w->cfg, budget), w->cfg, pool);
+    const auto st = e.forward(bare, &toks[0], 1, logits.data());
+    CHECK(!st.ok() && st.message().find("set_step_tokens") != std::string::npos && bare.position() == 0 &&
+              bare.stats().entries_live == 0,
+          "sentence_kv without token ids: %s", st.ok() ? "accepted" : st.message().c_str());
+  }
+  // keep_all's logits while every token is a sink or recent (8 tokens), not after
+  const auto full = run_engine(*w, toks, 1, pool, kvcache::keep_all{});
+  const auto sk = run_engine(*w, toks, 1, pool, tiny_sentence_kv(), budget, kvcache::passthrough{}, boundary);
+  CHECK(sk != full, "sentence_kv at budget %u gives keep_all's logits", budget);
+  CHECK(std::equal(sk.begin(), sk.begin() + std::ptrdiff_t{8} * V, full.begin()),
+        "sentence_kv differs from keep_all while all tokens are sinks or recent");
+  // A sentence_kv row gives the same bits alone and in a batch with other caches (the tool's --sweep).
+  {
+    auto make_cfg = [&](std::uint32_t budget) { return token_budget_config(w->cfg, toks.size(), budget); };
+    kvcache::host_vmm_config vm;
+    vm.pool_pages = 256;
+    using full_t = kvcache::cache<kvcache::host_vmm, kvcache::keep_all, kvcache::passthrough>;
+    using sink_t = kvcache::cache<kvcache::host_vmm, kvcache::sink_window, kvcache::passthrough>;
+    auto run = [&](bool batched) {
+      cache_sequence<full_t> a(std::make_unique<full_t>(make_cfg(0), kvcache::host_vmm{vm}), w->cfg, pool);
+      cache_sequence<sentence_cache> b(new_sentence_cache(w->cfg, budget), w->cfg, pool);
+      cache_sequence<sink_t> c(std::make_unique<sink_t>(make_cfg(budget), kvcache::host_vmm{vm}, kvcache::sink_window{4}),
+                               w->cfg, pool);
+      kv_sequence* seqs[] = {&a, &b, &c};
+      for (auto* q : seqs) q->set_boundary_ids(boundary);
+      std::vector<float> out(3 * toks.size() * V);
+      engine e(*w, pool);
+      for (std::uint32_t at = 0; at < toks.size(); ++at) {
+        std::vector<float> step(3 * V);
+        for (auto* q : seqs) q->set_step_tokens(&toks[at], 1);
+        if (batched) {
+          const std::int32_t three[] = {toks[at], toks[at], toks[at]};
+          CHECK(e.forward(std::span(seqs, 3), three, 1, step.data()).ok(), "batched forward");
+        } else {
+          for (std::size_t q = 0; q < 3; ++q)
+            CHECK(e.forward(*seqs[q], &toks[at], 1, step.data() + q * V).ok(), "forward");
+        }
+        for (std::size_t q = 0; q < 3; ++q) std::copy_n(step.data() + q * V, V, out.data() + (q * toks.size() + at) * V);
+      }
+      CHECK(b.stats().tier.bytes_promoted > 0, "the batch's sentence_kv row promoted nothing");
+      return out;
+    };
+    const auto alone = run(false), batched = run(true);
+    CHECK(alone == batched, "a batch with a sentence_kv row differs from its caches run alone");
+    CHECK(std::equal(sk.begin(), sk.end(), alone.begin() + static_cast<std::ptrdiff_t>(toks.size() * V)),
+          "the sentence_kv row of the batch differs from run_engine's");
+  }
 }
 
 // ---- model files on disk: missing, empty, truncated --------------------------------------------
@@ -741,8 +883,8 @@ const char* kPassage =
 
 template <class Policy>
 double perplexity(const weights& W, const std::vector<std::int32_t>& toks, thread_pool& pool, Policy p,
-                  std::uint32_t budget) {
-  const auto logits = run_engine(W, toks, 1, pool, std::move(p), budget);
+                  std::uint32_t budget, const std::vector<std::int32_t>& boundary = {}) {
+  const auto logits = run_engine(W, toks, 1, pool, std::move(p), budget, kvcache::passthrough{}, boundary);
   const std::uint32_t V = W.cfg.vocab;
   double nll = 0;
   for (std::size_t t = 0; t + 1 < toks.size(); ++t) {
@@ -790,6 +932,16 @@ void test_real_model(const std::string& path) {
   // Recorded with this engine (fp32 weights from the Q4_1 file, fp32 K/V): 3.8955 and 3.9576.
   CHECK(std::fabs(full / 3.8955 - 1) < 0.01, "keep_all perplexity %g is not within 1%% of 3.8955", full);
   CHECK(h2o < full * 1.10, "heavy_hitter at 50%% (%g) is not within 10%% of keep_all (%g)", h2o, full);
+  // SentenceKV (the paper's defaults: 32 sinks, 32 recent) at the same budget, its sentence ends
+  // the tokenizer's single-token boundary strings
+  const auto boundary = kvcache::sentence_boundary_ids([&](std::string_view piece) -> std::int32_t {
+    const auto ids = tok.encode(std::string(piece));
+    return ids.size() == 1 ? ids[0] : -1;
+  });
+  CHECK(!boundary.empty(), "no sentence boundary is a single token");
+  const double skv = perplexity(*w, toks, pool, kvcache::sentence_kv{}, 128, boundary);
+  std::printf("real model: sentence_kv 50%% %.4f (%zu boundary ids)\n", skv, boundary.size());
+  CHECK(skv < full * 1.10, "sentence_kv at 50%% (%g) is not within 10%% of keep_all (%g)", skv, full);
 }
 
 }  // namespace
@@ -798,6 +950,7 @@ int main() {
   test_reader();
   test_tokenizer();
   test_forward();
+  test_sentence_kv();
   test_model_files(real_model_path());
   test_real_model(real_model_path());
   if (failures) {

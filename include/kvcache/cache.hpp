@@ -42,6 +42,7 @@
 #include <kvcache/evict/keep_all.hpp>
 #include <kvcache/evict/policy.hpp>
 #include <kvcache/memory/backend.hpp>
+#include <kvcache/memory/tiered.hpp>
 #include <kvcache/quant/dense.hpp>
 #include <kvcache/quant/passthrough.hpp>
 #include <kvcache/quant/quantizer.hpp>
@@ -105,6 +106,7 @@ struct kv_tensor {
   std::uint32_t head_dim = 0;
 };
 
+//! Of the working tier (held sequences count in `tier` only).
 struct cache_stats {
   memory_stats memory;
   std::size_t sequences = 0;
@@ -112,6 +114,9 @@ struct cache_stats {
   std::size_t bytes_live = 0;      //!< K+V bytes of live entries (codes and scales)
   std::size_t bytes_used = 0;      //!< K+V bytes below the frontiers (live entries and holes)
   std::size_t bytes_backed = 0;    //!< K+V bytes of memory backing the open sequences' ranges
+  //! Tiered memory (tiered<...>): the holding tier's gauges and the moves between the tiers;
+  //! zeros otherwise.
+  tier_stats tier;
   //! Backed bytes not holding a live entry: the partly filled last page(s), holes, and pages
   //! kept mapped ahead.
   [[nodiscard]] std::size_t bytes_wasted() const noexcept {
@@ -211,6 +216,16 @@ struct fresh_mutex {
 };
 struct no_lock {};
 
+//! The cache's counters of moves between tiers (atomics: sequences move concurrently).
+struct tier_counters {
+  std::atomic<std::uint64_t> demoted{0}, promoted{0}, prefetched{0}, hit{0}, missed{0}, waits{0};
+  tier_counters() = default;
+  tier_counters(tier_counters&& o) noexcept
+      : demoted(o.demoted.load()), promoted(o.promoted.load()), prefetched(o.prefetched.load()),
+        hit(o.hit.load()), missed(o.missed.load()), waits(o.waits.load()) {}
+  void add(std::atomic<std::uint64_t>& c, std::uint64_t n) noexcept { c.fetch_add(n, std::memory_order_relaxed); }
+};
+
 template <class T>
 concept declares_concurrent_calls = requires { requires static_cast<bool>(T::concurrent_calls); };
 }  // namespace detail
@@ -241,6 +256,16 @@ class cache {
 
   //! True when calls into the policy or quantizer are serialized (see concurrent_calls_v).
   static constexpr bool serializes_calls = !(concurrent_calls_v<Eviction> && concurrent_calls_v<Quant>);
+
+  //! True when the memory has a holding tier behind the working tier (`tiered<...>`): hold(),
+  //! restore() and tiered policies (SentenceKV) are available.
+  static constexpr bool has_tiers = has_holding_tier<Memory>;
+  static_assert(!tiered_policy<Eviction> || has_holding_tier<Memory>,
+                "kvcache: this eviction policy moves tokens between a working and a holding tier; "
+                "give the cache tiered memory: kvcache::tiered<Memory> (memory/tiered.hpp)");
+  static_assert(!tiered_policy<Eviction> || !quant_token_grouped<Quant>(),
+                "kvcache: a tiered policy moves (token, head) rows one by one; token-grouped keys "
+                "(KIVI) are quantized across tokens and cannot move that way: use a per-row format");
 
   explicit cache(const cache_config& cfg, Memory memory = Memory{}, Eviction policy = Eviction{},
                  Quant quant = Quant{})
@@ -295,6 +320,8 @@ class cache {
       residual_bytes_ = round_up(std::size_t{Quant::residual} * cfg.geo.token_bytes(), gran);
     }
     budget_.assign(cfg.geo.layers, cfg.budget ? cfg.budget : cfg.max_tokens);
+    tier_row_bytes_ = 2 * (code_bytes_ + scale_bytes_);
+    stage_bytes_ = round_up(std::size_t{cfg.max_tokens} * cfg.geo.kv_heads * tier_row_bytes_, gran);
   }
 
   cache(const cache&) = delete;
@@ -369,53 +396,23 @@ class cache {
       L.layer = l;
       L.table = slot_table(cfg_.geo.kv_heads, cfg_.max_tokens);
       L.state = policy_.make_state(policy_context{cfg_.geo, l, cfg_.max_tokens});
-      if (l > 0 && shares_ranges()) {  // the layers of a sequence share its two ranges
-        L.k = layers[0].k;
-        L.v = layers[0].v;
-        L.off = l * layer_stride_;
-        continue;
-      }
-      auto k = memory_.acquire(range_bytes_, hint);
-      if (k) L.k = *k;
-      auto v = k ? memory_.acquire(range_bytes_, hint) : result<range_id>(k.error());
-      if (v) L.v = *v;
-      if (!k || !v) {
-        release_ranges(layers);
-        return k ? v.error() : k.error();
-      }
-      if (scale_bytes_) {  // out-of-band metadata: a range of its own beside each of K and V
-        const std::size_t shint = hint / code_bytes_ * scale_bytes_;
-        auto ks = memory_.acquire(scale_range_bytes_, shint);
-        if (ks) L.ks = *ks;
-        auto vs = ks ? memory_.acquire(scale_range_bytes_, shint) : result<range_id>(ks.error());
-        if (vs) L.vs = *vs;
-        if (!ks || !vs) {
-          release_ranges(layers);
-          return ks ? vs.error() : ks.error();
-        }
-      }
-      if constexpr (quant_token_grouped<Quant>()) {
-        auto kr = memory_.acquire(residual_bytes_, residual_bytes_);
-        if (!kr) {
-          release_ranges(layers);
-          return kr.error();
-        }
-        L.kr = *kr;
-        L.qend.assign(cfg_.geo.kv_heads, 0u);
-      }
+      if constexpr (quant_token_grouped<Quant>()) L.qend.assign(cfg_.geo.kv_heads, 0u);
     }
-    bind_bases(layers);
+    KVCACHE_TRY(acquire_ranges(layers, hint));
     return guard.track(install(std::move(layers)));
   }
 
   //! Closes a sequence; its ranges go back to the memory backend (kept mapped for reuse where the
-  //! backend defers reclamation).
+  //! backend defers reclamation). A held sequence's rows leave the holding tier.
   status close(seq_id s) {
     [[maybe_unused]] const invariant_guard guard(*this, "close");
     KVCACHE_TRY(check_seq(s, "close"));
     auto& rec = reg_.recs[s.index];
+    for (auto& L : rec.layers) wait_stage(L);
     release_ranges(rec.layers);  // each range exactly once: release_ranges forgets their ids
     rec.layers.clear();
+    if constexpr (has_tiers) memory_.holding().erase_owner(owner_of(s));
+    rec.held = false;
     const std::lock_guard<std::mutex> lock(reg_.m);
     rec.open.store(false, std::memory_order_release);
     rec.generation.fetch_add(1, std::memory_order_release);  // stale ids stop matching
@@ -423,6 +420,7 @@ class cache {
     reg_.open.fetch_sub(1, std::memory_order_relaxed);
     return {};
   }
+
 
   //! Opens a sequence owned by a handle that closes it on destruction (sequence.hpp).
   result<sequence<cache>> open_sequence(std::uint32_t expected_tokens = 0) {
@@ -435,7 +433,7 @@ class cache {
   //! can (copy-on-write pages); policy state and slot maps are copied.
   result<seq_id> fork(seq_id parent) {
     [[maybe_unused]] invariant_guard guard(*this, "fork");
-    KVCACHE_TRY(check_seq(parent, "fork"));
+    KVCACHE_TRY(check_active(parent, "fork"));
     std::vector<layer_rec> layers;
     layers.reserve(cfg_.geo.layers);
     const auto& parent_layers = reg_.recs[parent.index].layers;
@@ -500,7 +498,14 @@ class cache {
       layers.push_back(std::move(L));
     }
     bind_bases(layers);
-    return guard.track(install(std::move(layers)));
+    const seq_id child = guard.track(install(std::move(layers)));
+    if constexpr (has_tiers) {  // the parent's held rows (sentences) are the child's too
+      if (status st = memory_.holding().copy_owner(owner_of(parent), owner_of(child)); !st) {
+        (void)close(child);
+        return status{st.code(), "fork: " + st.message()};
+      }
+    }
+    return child;
   }
 
   [[nodiscard]] bool is_open(seq_id s) const noexcept {
@@ -529,7 +534,7 @@ class cache {
   //! steps, no cap. A no-op for backends without map ahead (heap).
   status map_ahead(std::span<const seq_id> seqs, std::uint32_t steps = 10,
                    std::size_t max_pages = 0) {
-    for (const auto& s : seqs) KVCACHE_TRY(check_seq(s, "map_ahead"));
+    for (const auto& s : seqs) KVCACHE_TRY(check_active(s, "map_ahead"));
     if constexpr (maps_ahead) {
       const std::lock_guard<std::mutex> lock(ahead_.m);  // its scratch (engines call it once a step)
       ahead_requests_.clear();
@@ -555,7 +560,7 @@ class cache {
   //! fewer free slots than tokens (call evict() first), out_of_pages when memory runs out.
   status append(seq_id s, std::uint32_t layer, const kv_tensor& k, const kv_tensor& v) {
     [[maybe_unused]] const invariant_guard guard(*this, "append", s, layer);
-    KVCACHE_TRY(check_seq(s, "append"));
+    KVCACHE_TRY(check_active(s, "append"));
     KVCACHE_TRY(check_layer(layer));
     KVCACHE_TRY(check_tensor(k, "k"));
     KVCACHE_TRY(check_tensor(v, "v"));
@@ -686,7 +691,7 @@ class cache {
     static_assert((detail::signal_is_consumed<Eviction, S>::value && ...));
     static_assert(detail::all_signals_given<signals, S...>::value);
     [[maybe_unused]] const invariant_guard guard(*this, "observe", s, layer);
-    KVCACHE_TRY(check_seq(s, "observe"));
+    KVCACHE_TRY(check_active(s, "observe"));
     KVCACHE_TRY(check_layer(layer));
     auto& L = reg_.recs[s.index].layers[layer];
     status st;
@@ -713,7 +718,7 @@ class cache {
   //! compression) choose each head's target given its budget; the cache evicts down to it.
   status evict(seq_id s, std::uint32_t layer, std::uint32_t reserve = 0) {
     [[maybe_unused]] invariant_guard guard(*this, "evict", s, layer);
-    KVCACHE_TRY(check_seq(s, "evict"));
+    KVCACHE_TRY(check_active(s, "evict"));
     KVCACHE_TRY(check_layer(layer));
     for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
       if (reserve > budget(layer, h))
@@ -722,28 +727,237 @@ class cache {
                                             std::to_string(budget(layer, h)) + " of kv head " +
                                             std::to_string(h)};
     auto& rec = reg_.recs[s.index];
-    [[maybe_unused]] const auto serial = serialize();
     rec.sc.short_heads = 0;
-    evict_layer(rec.layers[layer], rec.sc, layer, reserve);
+    if constexpr (tiered_policy<Eviction>) {
+      KVCACHE_TRY(evict_tiered(s, rec, layer, layer + 1, reserve));
+    } else {
+      [[maybe_unused]] const auto serial = serialize();
+      evict_layer(rec.layers[layer], rec.sc, layer, reserve);
+    }
     guard.evicted(reserve);
     return {};
   }
   //! evict() on every layer.
   status evict(seq_id s) {
     [[maybe_unused]] invariant_guard guard(*this, "evict", s);
-    KVCACHE_TRY(check_seq(s, "evict"));
+    KVCACHE_TRY(check_active(s, "evict"));
     auto& rec = reg_.recs[s.index];
-    [[maybe_unused]] const auto serial = serialize();
     rec.sc.short_heads = 0;
-    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) evict_layer(rec.layers[l], rec.sc, l, 0);
+    if constexpr (tiered_policy<Eviction>) {
+      KVCACHE_TRY(evict_tiered(s, rec, 0, cfg_.geo.layers, 0));
+    } else {
+      [[maybe_unused]] const auto serial = serialize();
+      for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) evict_layer(rec.layers[l], rec.sc, l, 0);
+    }
     guard.evicted(0);
     return {};
   }
 
+  // ---- tiers (tiered memory: memory/tiered.hpp) --------------------------------------------
+
+  //! SpeContext-style prefetch for a tiered policy that predicts its fetches (SentenceKV): stages
+  //! the held rows the policy expects its next evict() of `layer` to fetch, copying them from
+  //! the holding tier into a staging range of the working tier on the holding tier's worker, and
+  //! returns at once. Call it after the layer's attention: the copies overlap the rest of the
+  //! step, and the next evict() of the layer takes staged rows from the stage (hits) and the
+  //! others from the holding tier (misses, synchronous). A no-op for other policies.
+  status prefetch(seq_id s, std::uint32_t layer) {
+    KVCACHE_TRY(check_active(s, "prefetch"));
+    KVCACHE_TRY(check_layer(layer));
+    if constexpr (has_tiers && predicts_fetches<Eviction>) {
+      auto& rec = reg_.recs[s.index];
+      auto& L = rec.layers[layer];
+      auto& sc = rec.sc;
+      auto& ho = memory_.holding();
+      wait_stage(L);
+      L.staged.clear();
+      std::size_t bytes = 0;
+      {
+        [[maybe_unused]] const auto serial = serialize();
+        for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+          sc.predicted.clear();
+          policy_.predict(L.state, L.table, h, budget(layer, h), sc.predicted);
+          std::uint32_t room = budget(layer, h);  // stage at most a budget's worth per head
+          for (const group_rows& g : sc.predicted) {
+            const auto held = ho.find(row_key(s, layer, h, g.group));
+            if (g.first >= held.count || room == 0) continue;
+            const std::uint32_t n = std::min({g.count, held.count - g.first, room});
+            L.staged.push_back({h, g.group, g.first, n, bytes});
+            bytes += std::size_t{n} * tier_row_bytes_;
+            room -= n;
+          }
+        }
+      }
+      if (bytes == 0) return {};
+      if (L.stage == no_range) {
+        auto r = memory_.acquire(stage_bytes_, bytes);
+        if (!r) {
+          L.staged.clear();
+          return r.error();
+        }
+        L.stage = *r;
+      }
+      const write_request req{L.stage, 0, bytes};
+      if (status st = memory_.prepare(std::span<const write_request>(&req, 1)); !st) {
+        L.staged.clear();
+        return st;
+      }
+      std::byte* stage = memory_.data(L.stage);
+      sc.ops.clear();
+      for (const auto& st : L.staged) {
+        const auto held = ho.find(row_key(s, layer, st.head, st.group));
+        sc.ops.push_back({stage + st.offset, held.rows + std::size_t{st.first} * tier_row_bytes_,
+                          std::size_t{st.count} * tier_row_bytes_});
+      }
+      L.stage_ticket = ho.submit(sc.ops);
+      tc_.add(tc_.prefetched, bytes);
+    } else {
+      (void)s;
+    }
+    return {};
+  }
+
+  //! Moves a whole sequence out of the working tier into the holding tier (an EpiCache episode
+  //! that is not in use): its live (token, head) rows are copied there (for KIVI's token-grouped
+  //! keys, the used bytes of its ranges) and the ranges go back to the memory backend, their
+  //! pages to the pool. Its slot tables and policy state stay; calls
+  //! that read or write its K/V refuse it until restore(). close() drops it where it is.
+  status hold(seq_id s)
+    requires has_holding_tier<Memory>
+  {
+    [[maybe_unused]] const invariant_guard guard(*this, "hold", s);
+    KVCACHE_TRY(check_active(s, "hold"));
+    auto& rec = reg_.recs[s.index];
+    auto& ho = memory_.holding();
+    for (auto& L : rec.layers) wait_stage(L);
+    const std::size_t free = ho.capacity() - std::min(ho.capacity(), ho.bytes());
+    const auto too_big = [&](std::size_t need) {
+      return status{errc::capacity_exceeded,
+                    "hold: sequence " + std::to_string(s.index) + " needs " + std::to_string(need) +
+                        " bytes of the holding tier, which has " + std::to_string(free) + " free"};
+    };
+    if constexpr (!quant_token_grouped<Quant>()) {
+      // Per-row formats: the live rows only (holes stay behind), a group per (layer, head),
+      // each row tagged with its slot.
+      std::uint64_t rows = 0;
+      for (const auto& L : rec.layers) rows += L.table.live_total();
+      const std::size_t rb = tier_row_bytes_;
+      if (rows * (rb + sizeof(std::int32_t)) > free) return too_big(rows * (rb + sizeof(std::int32_t)));
+      auto& tags = rec.sc.tags;
+      for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l)
+        for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+          const auto& L = rec.layers[l];
+          tags.clear();
+          for (std::uint32_t slot = 0; slot < L.table.rows(); ++slot)
+            if (L.table.position(slot, h) != slot_table::empty) tags.push_back(static_cast<std::int32_t>(slot));
+          if (tags.empty()) continue;
+          auto dst = ho.extend(live_key(s, l, h), rb, tags);
+          if (!dst) {  // a host allocation failed: undo what was held
+            for (std::uint32_t j = 0; j <= l; ++j)
+              for (std::uint32_t g = 0; g < cfg_.geo.kv_heads; ++g) ho.erase(live_key(s, j, g));
+            return {dst.error().code(), "hold: " + dst.error().message()};
+          }
+          for (std::size_t i = 0; i < tags.size(); ++i)
+            gather_row(L, static_cast<std::uint32_t>(tags[i]), h, *dst + i * rb);
+        }
+      tc_.add(tc_.demoted, rows * rb);
+      release_ranges(rec.layers);
+      rec.held = true;
+      return {};
+    }
+    // Token-grouped keys (KIVI): the bytes of the used extents, whatever they hold.
+    std::vector<held_span> spans;
+    backed_spans(rec, spans);
+    std::size_t need = 0;
+    for (const auto& sp : spans) need += sp.end - sp.begin + sizeof(std::int32_t);
+    if (need > free) return too_big(need);
+    const std::int32_t tag = 0;
+    for (std::size_t i = 0; i < spans.size(); ++i) {
+      const auto& sp = spans[i];
+      auto dst = ho.extend(span_key(s, i), sp.end - sp.begin, std::span<const std::int32_t>(&tag, 1));
+      if (!dst) {
+        for (std::size_t j = 0; j < i; ++j) ho.erase(span_key(s, j));
+        return {dst.error().code(), "hold: " + dst.error().message()};
+      }
+      ho.copy_in(*dst, memory_.data(range_of(rec.layers[sp.layer], sp.part)) + sp.begin,
+                 sp.end - sp.begin);
+    }
+    tc_.add(tc_.demoted, need - spans.size() * sizeof(std::int32_t));
+    release_ranges(rec.layers);
+    rec.spans = std::move(spans);
+    rec.held = true;
+    return {};
+  }
+
+  //! Brings a held sequence back into fresh working-tier ranges, byte for byte where it was.
+  //! Fails (out_of_pages, ...) with the sequence still held.
+  status restore(seq_id s)
+    requires has_holding_tier<Memory>
+  {
+    [[maybe_unused]] const invariant_guard guard(*this, "restore", s);
+    KVCACHE_TRY(check_seq(s, "restore"));
+    auto& rec = reg_.recs[s.index];
+    if (!rec.held)
+      return {errc::invalid_argument,
+              "restore: sequence " + std::to_string(s.index) + " is not held (hold() it first)"};
+    auto& ho = memory_.holding();
+    auto& sc = rec.sc;
+    if constexpr (!quant_token_grouped<Quant>()) {
+      KVCACHE_TRY(acquire_ranges(rec.layers, std::size_t{rec.layers[0].table.rows()} * slot_stride_));
+      sc.requests.clear();
+      for (const auto& L : rec.layers) row_requests(L, 0, L.table.rows(), sc.requests);
+      if (status st = memory_.prepare(sc.requests); !st) {
+        release_ranges(rec.layers);
+        return st;
+      }
+      std::size_t bytes = 0;
+      for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l)
+        for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+          const auto held = ho.find(live_key(s, l, h));
+          for (std::uint32_t i = 0; i < held.count; ++i)
+            scatter_row(rec.layers[l], static_cast<std::uint32_t>(held.tags[i]), h,
+                        held.rows + std::size_t{i} * tier_row_bytes_);
+          bytes += std::size_t{held.count} * tier_row_bytes_;
+          ho.erase(live_key(s, l, h));
+        }
+      tc_.add(tc_.promoted, bytes);
+      rec.held = false;
+      return {};
+    }
+    std::size_t hint = 0;  // best fit for what layer 0's K used
+    for (const auto& sp : rec.spans)
+      if (sp.layer == 0 && sp.part == 0) hint = std::max(hint, sp.end);
+    KVCACHE_TRY(acquire_ranges(rec.layers, hint));
+    sc.requests.clear();
+    for (const auto& sp : rec.spans)
+      sc.requests.push_back({range_of(rec.layers[sp.layer], sp.part), sp.begin, sp.end});
+    if (status st = memory_.prepare(sc.requests); !st) {
+      release_ranges(rec.layers);
+      return st;
+    }
+    std::size_t bytes = 0;
+    for (std::size_t i = 0; i < rec.spans.size(); ++i) {
+      const auto& sp = rec.spans[i];
+      const auto held = ho.find(span_key(s, i));
+      KVCACHE_ASSERT(held.count == 1 && held.row_bytes == sp.end - sp.begin);
+      ho.copy_out(memory_.data(range_of(rec.layers[sp.layer], sp.part)) + sp.begin, held.rows,
+                  sp.end - sp.begin);
+      bytes += sp.end - sp.begin;
+    }
+    for (std::size_t i = 0; i < rec.spans.size(); ++i) ho.erase(span_key(s, i));
+    tc_.add(tc_.promoted, bytes);
+    rec.spans.clear();
+    rec.held = false;
+    return {};
+  }
+
+  //! True when the sequence is open and held in the holding tier.
+  [[nodiscard]] bool is_held(seq_id s) const noexcept { return is_open(s) && reg_.recs[s.index].held; }
+
   // ---- views -----------------------------------------------------------------------------
 
   result<layer_view> view(seq_id s, std::uint32_t layer) const {
-    KVCACHE_TRY(check_seq(s, "view"));
+    KVCACHE_TRY(check_active(s, "view"));
     KVCACHE_TRY(check_layer(layer));
     return make_view(reg_.recs[s.index].layers[layer]);
   }
@@ -751,7 +965,7 @@ class cache {
   //! One layer of many sequences (pointer arrays + lengths, as varlen kernels take them).
   result<batch_view> batch(std::span<const seq_id> seqs, std::uint32_t layer) const {
     KVCACHE_TRY(check_layer(layer));
-    for (const auto& s : seqs) KVCACHE_TRY(check_seq(s, "batch"));
+    for (const auto& s : seqs) KVCACHE_TRY(check_active(s, "batch"));
     batch_view b;
     fill_format(b);
     b.cu_rows.push_back(0);
@@ -778,7 +992,7 @@ class cache {
     const std::size_t per_entry = 2 * (code_bytes_ + quant_.scale_bytes(cfg_.geo));
     for (std::uint32_t i = 0; i < reg_.recs.size(); ++i) {
       const auto& rec = reg_.recs[i];
-      if (!rec.open.load(std::memory_order_acquire)) continue;
+      if (!rec.open.load(std::memory_order_acquire) || rec.held) continue;  // held: in tier
       for (const auto& L : rec.layers) {
         st.entries_live += L.table.live_total();
         std::uint64_t below = 0;
@@ -787,13 +1001,38 @@ class cache {
         if (L.off == 0) st.bytes_backed += memory_.backed_bytes(L.k) + memory_.backed_bytes(L.v);
         if (scale_bytes_) st.bytes_backed += memory_.backed_bytes(L.ks) + memory_.backed_bytes(L.vs);
         if (L.kr != no_range) st.bytes_backed += memory_.backed_bytes(L.kr);
+        if (L.stage != no_range) st.bytes_backed += memory_.backed_bytes(L.stage);
       }
     }
     st.bytes_live = st.entries_live * per_entry;
+    if constexpr (has_tiers) {
+      st.tier = memory_.holding().stats();
+      st.tier.bytes_demoted = tc_.demoted.load(std::memory_order_relaxed);
+      st.tier.bytes_promoted = tc_.promoted.load(std::memory_order_relaxed);
+      st.tier.bytes_prefetched = tc_.prefetched.load(std::memory_order_relaxed);
+      st.tier.rows_hit = tc_.hit.load(std::memory_order_relaxed);
+      st.tier.rows_missed = tc_.missed.load(std::memory_order_relaxed);
+      st.tier.prefetch_waits = tc_.waits.load(std::memory_order_relaxed);
+    }
     return st;
   }
 
  private:
+  // A run of backed bytes [begin, end) of one range of a layer (part: 0 K, 1 V, 2 K metadata,
+  // 3 V metadata, 4 key residual), held by hold() as one group.
+  struct held_span {
+    std::uint32_t layer = 0;
+    std::uint32_t part = 0;
+    std::size_t begin = 0;
+    std::size_t end = 0;
+  };
+  struct staged_rows {
+    std::uint32_t head = 0;
+    std::uint32_t group = 0;
+    std::uint32_t first = 0;
+    std::uint32_t count = 0;
+    std::size_t offset = 0;
+  };
   struct layer_rec {
     range_id k = no_range;
     range_id v = no_range;
@@ -809,11 +1048,17 @@ class cache {
     std::byte* ksp = nullptr;
     std::byte* vsp = nullptr;
     std::vector<std::uint32_t> qend;  // token-grouped keys: per head, slots below are quantized
+    // tiers: a prefetch's staging range in the working tier, what it holds, its copy batch
+    range_id stage = no_range;
+    std::vector<staged_rows> staged;
+    std::uint64_t stage_ticket = 0;
     slot_table table;
     typename Eviction::state state{};
     std::int64_t seen = 0;
   };
   using chunk = row_chunk;
+  // Rows [first, first + count) of a held group of `head`, staged at byte `offset` of the stage.
+
   // Per sequence, so that calls on different sequences share no buffer; kept between calls so
   // the hot path does not allocate.
   struct scratch {
@@ -823,11 +1068,18 @@ class cache {
     std::vector<std::uint32_t> victims;
     std::vector<float> key_group;  // one key group in fp32 (token-grouped keys)
     std::uint32_t short_heads = 0;  // heads the last evict() left above target (policy declined)
+    tier_plan plan;                 // tiered policies: one head's plan
+    std::vector<group_rows> predicted;
+    std::vector<copy_op> ops;
+    std::vector<std::int32_t> tags;
+    std::vector<std::uint32_t> seen;
   };
   struct seq_rec {
     std::vector<layer_rec> layers;
     std::atomic<std::uint32_t> generation{0};
     std::atomic<bool> open{false};
+    bool held = false;  // in the holding tier (hold()): no working-tier ranges until restore()
+    std::vector<held_span> spans;  // while held: where each held byte span goes back
     scratch sc;
   };
   friend struct detail::cache_access;  // check_invariants, state_digest (check.hpp)
@@ -871,6 +1123,49 @@ class cache {
   //! cache may keep it instead of asking the backend (a mutex) on every append.
   static constexpr bool stable_bases = requires { requires static_cast<bool>(Memory::stable_data); };
 
+  // Acquires every layer's K/V (and metadata, residual) ranges and binds their base addresses;
+  // on failure releases what it took and returns the error.
+  status acquire_ranges(std::vector<layer_rec>& layers, std::size_t hint) {
+    for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l) {
+      auto& L = layers[l];
+      if (l > 0 && shares_ranges()) {  // the layers of a sequence share its two ranges
+        L.k = layers[0].k;
+        L.v = layers[0].v;
+        L.off = l * layer_stride_;
+        continue;
+      }
+      auto k = memory_.acquire(range_bytes_, hint);
+      if (k) L.k = *k;
+      auto v = k ? memory_.acquire(range_bytes_, hint) : result<range_id>(k.error());
+      if (v) L.v = *v;
+      if (!k || !v) {
+        release_ranges(layers);
+        return k ? v.error() : k.error();
+      }
+      if (scale_bytes_) {  // out-of-band metadata: a range of its own beside each of K and V
+        const std::size_t shint = hint / code_bytes_ * scale_bytes_;
+        auto ks = memory_.acquire(scale_range_bytes_, shint);
+        if (ks) L.ks = *ks;
+        auto vs = ks ? memory_.acquire(scale_range_bytes_, shint) : result<range_id>(ks.error());
+        if (vs) L.vs = *vs;
+        if (!ks || !vs) {
+          release_ranges(layers);
+          return ks ? vs.error() : ks.error();
+        }
+      }
+      if constexpr (quant_token_grouped<Quant>()) {
+        auto kr = memory_.acquire(residual_bytes_, residual_bytes_);
+        if (!kr) {
+          release_ranges(layers);
+          return kr.error();
+        }
+        L.kr = *kr;
+      }
+    }
+    bind_bases(layers);
+    return {};
+  }
+
   void bind_bases(std::vector<layer_rec>& layers) const {
     if constexpr (stable_bases) {
       for (auto& L : layers) {
@@ -907,6 +1202,10 @@ class cache {
 
   void release_ranges(std::vector<layer_rec>& layers) {
     for (auto& L : layers) {
+      wait_stage(L);
+      if (L.stage != no_range) memory_.release(L.stage);
+      L.stage = no_range;
+      L.staged.clear();
       if (L.off != 0) {  // a layer of shared ranges: layer 0 owns them
         L.k = L.v = no_range;
         continue;
@@ -981,6 +1280,275 @@ class cache {
       }
       for (std::uint32_t h = 0; h < H; ++h)
         add(std::size_t{a[h]} * slot_stride_ + h * head_stride_ + off, std::size_t{i} * H + h, 1);
+    }
+  }
+
+  // ---- tiers --------------------------------------------------------------------------------
+
+  // Holding-tier names: the owner is the sequence (index and generation); a tiered policy's
+  // group lives under (layer, head, group); hold()'s spans under a flag bit and their index.
+  static std::uint64_t owner_of(seq_id s) noexcept {
+    return (std::uint64_t{s.generation} << 32) | s.index;
+  }
+  static hold_key row_key(seq_id s, std::uint32_t layer, std::uint32_t head, std::uint32_t group) noexcept {
+    return {owner_of(s), (std::uint64_t{layer} << 40) | (std::uint64_t{head} << 32) | group};
+  }
+  static hold_key span_key(seq_id s, std::size_t i) noexcept {
+    return {owner_of(s), (std::uint64_t{1} << 63) | i};
+  }
+  static hold_key live_key(seq_id s, std::uint32_t layer, std::uint32_t head) noexcept {
+    return {owner_of(s), (std::uint64_t{3} << 62) | (std::uint64_t{layer} << 32) | head};
+  }
+  static range_id range_of(const layer_rec& L, std::uint32_t part) noexcept {
+    const range_id r[] = {L.k, L.v, L.ks, L.vs, L.kr};
+    return r[part];
+  }
+
+  // Waits for the layer's prefetch copies, if any are in flight.
+  void wait_stage(layer_rec& L) {
+    if constexpr (has_tiers) {
+      if (!L.stage_ticket) return;
+      auto& ho = memory_.holding();
+      if (!ho.done(L.stage_ticket)) tc_.add(tc_.waits, 1);
+      ho.wait(L.stage_ticket);
+      L.stage_ticket = 0;
+    } else {
+      (void)L;
+    }
+  }
+
+  // The bytes of a sequence's ranges that hold data: the used extents (rows below the
+  // frontiers, metadata, residual window), without the parts of pages the backend has not backed
+  // (a layer of shared ranges may use fewer rows than another).
+  void backed_spans(const seq_rec& rec, std::vector<held_span>& out) const {
+    const std::size_t gran = memory_.granularity();
+    const std::uint32_t H = cfg_.geo.kv_heads;
+    std::uint32_t top_rows = 0;
+    for (const auto& L : rec.layers) top_rows = std::max(top_rows, L.table.rows());
+    auto add = [&](const layer_rec& L, std::uint32_t part, std::size_t b, std::size_t e) {
+      const range_id r = range_of(L, part);
+      if (r == no_range || b >= e) return;
+      e = std::min(e, memory_.capacity(r));
+      for (std::size_t p = b; p < e;) {  // page by page: a shared range may miss some pages
+        const std::size_t q = std::min((p / gran + 1) * gran, e);
+        bool backed = true;
+        if constexpr (requires(const Memory& m) { { m.backed(r, p, q) } -> std::same_as<bool>; })
+          backed = memory_.backed(r, p, q);
+        if (backed) {
+          if (!out.empty() && out.back().layer == L.layer && out.back().part == part && out.back().end == p)
+            out.back().end = q;
+          else
+            out.push_back({L.layer, part, p, q});
+        }
+        p = q;
+      }
+    };
+    for (const auto& L : rec.layers) {
+      if (L.off != 0) continue;  // layers > 0 of shared ranges: layer 0 owns them
+      const slot_table& t = L.table;
+      if (cfg_.order == layout::token_major) {
+        const std::size_t rows = shares_ranges() ? top_rows : t.rows();
+        add(L, 0, 0, rows * slot_stride_);
+        add(L, 1, 0, rows * slot_stride_);
+        if (scale_bytes_) {
+          std::size_t ks = rows * scale_slot_stride_;
+          if constexpr (quant_token_grouped<Quant>())
+            ks = std::max(ks, std::min(scale_range_bytes_,
+                                       rows / Quant::group * H * Quant::key_meta_bytes(cfg_.geo)));
+          add(L, 2, 0, ks);
+          add(L, 3, 0, rows * scale_slot_stride_);
+        }
+      } else {
+        for (std::uint32_t h = 0; h < H; ++h) {
+          const std::size_t f = t.frontier(h);
+          add(L, 0, h * head_stride_, h * head_stride_ + f * code_bytes_);
+          add(L, 1, h * head_stride_, h * head_stride_ + f * code_bytes_);
+        }
+        for (std::uint32_t h = 0; h < H && scale_bytes_; ++h) {
+          const std::size_t f = t.frontier(h);
+          add(L, 2, h * scale_head_stride_, h * scale_head_stride_ + f * scale_bytes_);
+          add(L, 3, h * scale_head_stride_, h * scale_head_stride_ + f * scale_bytes_);
+        }
+      }
+      if constexpr (quant_token_grouped<Quant>())
+        if (L.seen > 0) add(L, 4, 0, std::size_t{Quant::residual} * cfg_.geo.token_bytes());
+    }
+  }
+
+  // Requests backing rows [r0, r1) of every head of one layer (K, V and per-row metadata).
+  void row_requests(const layer_rec& L, std::size_t r0, std::size_t r1,
+                    std::vector<write_request>& out) const {
+    if (r0 >= r1) return;
+    auto add = [&](std::size_t b, std::size_t e) {
+      out.push_back({L.k, b, e});
+      out.push_back({L.v, b, e});
+      if (scale_bytes_) {
+        out.push_back({L.ks, scale_offset(b), scale_offset(e)});
+        out.push_back({L.vs, scale_offset(b), scale_offset(e)});
+      }
+    };
+    if (cfg_.order == layout::token_major) {
+      add(r0 * slot_stride_ + L.off, (r1 - 1) * slot_stride_ + L.off + layer_stride_);
+    } else {
+      for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h)
+        add(h * head_stride_ + r0 * code_bytes_, h * head_stride_ + r1 * code_bytes_);
+    }
+  }
+
+  // Tiered policies at evict(): the resources first, for every layer evicted (room in the
+  // holding tier for every live row, the most a plan can hold; working-tier pages for the rows a
+  // head can reach within its budget), so that nothing changes when they fail; then each head's
+  // plan.
+  status evict_tiered(seq_id s, seq_rec& rec, std::uint32_t first, std::uint32_t last,
+                      std::uint32_t reserve) {
+    if constexpr (tiered_policy<Eviction>) {
+      auto& sc = rec.sc;
+      auto& ho = memory_.holding();
+      sc.requests.clear();
+      std::uint64_t live = 0;
+      for (std::uint32_t l = first; l < last; ++l) {
+        auto& L = rec.layers[l];
+        wait_stage(L);
+        std::uint32_t top = L.table.rows();
+        for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) top = std::max(top, budget(l, h));
+        row_requests(L, 0, std::min(top, cfg_.max_tokens), sc.requests);
+        live += L.table.live_total();
+      }
+      const std::size_t need = live * (tier_row_bytes_ + sizeof(std::int32_t));
+      const std::size_t free = ho.capacity() - std::min(ho.capacity(), ho.bytes());
+      if (need > free)
+        return {errc::capacity_exceeded,
+                "evict: the holding tier has " + std::to_string(free) + " bytes free; a plan over " +
+                    std::to_string(live) + " live rows may hold up to " + std::to_string(need)};
+      KVCACHE_TRY(memory_.prepare(sc.requests));
+      [[maybe_unused]] const auto serial = serialize();
+      for (std::uint32_t l = first; l < last; ++l) KVCACHE_TRY(plan_layer(s, rec.layers[l], sc, l, reserve));
+    } else {
+      (void)s, (void)rec, (void)first, (void)last, (void)reserve;
+    }
+    return {};
+  }
+
+  status plan_layer(seq_id s, layer_rec& L, scratch& sc, std::uint32_t layer, std::uint32_t reserve) {
+    if constexpr (tiered_policy<Eviction>) {
+      const geometry one_head{1, cfg_.geo.kv_heads, cfg_.geo.kv_heads, cfg_.geo.head_dim, cfg_.geo.type};
+      for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
+        const std::uint32_t b = budget(layer, h), target = b > reserve ? b - reserve : 0;
+        const key_reader_ctx ctx{make_view(L), &quant_, one_head};  // afresh: the table moves on
+        const key_reader keys{L.table.rows(), cfg_.geo.head_dim, &ctx, &read_keys};
+        sc.plan.clear();
+        policy_.plan(L.state, L.table, keys, h, target, sc.plan);
+        KVCACHE_TRY(check_plan(s, L, sc.plan, layer, h, target, sc.seen));
+        KVCACHE_TRY(apply_plan(s, L, sc, layer, h));
+      }
+      L.staged.clear();  // consumed (or outdated): the next prefetch stages afresh
+    } else {
+      (void)s, (void)L, (void)sc, (void)layer, (void)reserve;
+    }
+    return {};
+  }
+
+  // A plan that would break the cache is a bug in the policy: refused before it is applied.
+  status check_plan(seq_id s, const layer_rec& L, const tier_plan& P, std::uint32_t layer,
+                    std::uint32_t h, std::uint32_t target, std::vector<std::uint32_t>& seen) const {
+    const auto bad = [&](const std::string& what) {
+      return status{errc::invariant_violation, "evict: the policy's plan for layer " +
+                                                   std::to_string(layer) + " kv head " +
+                                                   std::to_string(h) + " " + what};
+    };
+    const slot_table& t = L.table;
+    const auto live = [&](std::uint32_t slot) {
+      return slot < t.rows() && t.position(slot, h) != slot_table::empty;
+    };
+    for (const auto& r : P.hold)
+      if (!live(r.slot)) return bad("holds slot " + std::to_string(r.slot) + ", which is not live");
+    for (std::uint32_t slot : P.drop)
+      if (!live(slot)) return bad("drops slot " + std::to_string(slot) + ", which is not live");
+    if (P.drop.size() > 1) {  // each once
+      seen.assign(P.drop.begin(), P.drop.end());
+      std::sort(seen.begin(), seen.end());
+      if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) return bad("drops a slot twice");
+    }
+    std::uint64_t fetched = 0;
+    const auto& ho = memory_.holding();
+    for (const auto& f : P.fetch) {
+      std::uint64_t rows = ho.find(row_key(s, layer, h, f.group)).count;
+      for (const auto& r : P.hold) rows += r.group == f.group;
+      if (std::uint64_t{f.first} + f.count > rows)
+        return bad("fetches rows [" + std::to_string(f.first) + ", " +
+                   std::to_string(std::uint64_t{f.first} + f.count) + ") of group " +
+                   std::to_string(f.group) + ", which holds " + std::to_string(rows));
+      fetched += f.count;
+    }
+    const std::uint64_t after = t.live(h) - P.drop.size() + fetched;
+    if (after > target || fetched > t.room(h) + P.drop.size())
+      return bad("leaves " + std::to_string(after) + " live tokens, over its target " +
+                 std::to_string(target));
+    return {};
+  }
+
+  status apply_plan(seq_id s, layer_rec& L, scratch& sc, std::uint32_t layer, std::uint32_t h) {
+    auto& ho = memory_.holding();
+    const tier_plan& P = sc.plan;
+    const std::size_t rb = tier_row_bytes_;
+    for (std::size_t i = 0; i < P.hold.size();) {  // runs of one group: one extend each
+      std::size_t j = i;
+      sc.tags.clear();
+      for (; j < P.hold.size() && P.hold[j].group == P.hold[i].group; ++j)
+        sc.tags.push_back(L.table.position(P.hold[j].slot, h));
+      auto dst = ho.extend(row_key(s, layer, h, P.hold[i].group), rb, sc.tags);
+      if (!dst) return {dst.error().code(), "evict: " + dst.error().message()};
+      for (std::size_t k = i; k < j; ++k) gather_row(L, P.hold[k].slot, h, *dst + (k - i) * rb);
+      tc_.add(tc_.demoted, (j - i) * rb);
+      i = j;
+    }
+    for (std::uint32_t slot : P.drop) L.table.vacate(h, slot);
+    std::uint64_t hit = 0, missed = 0;
+    for (const auto& f : P.fetch) {
+      const auto held = ho.find(row_key(s, layer, h, f.group));
+      for (std::uint32_t i = f.first; i < f.first + f.count; ++i) {
+        const std::byte* src = staged_row(L, h, f.group, i);
+        ++(src ? hit : missed);
+        if (!src) src = held.rows + std::size_t{i} * rb;
+        scatter_row(L, L.table.place(h, held.tags[i]), h, src);
+      }
+    }
+    tc_.add(tc_.promoted, (hit + missed) * rb);
+    tc_.add(tc_.hit, hit);
+    tc_.add(tc_.missed, missed);
+    return {};
+  }
+
+  // Row i of (head, group) in the layer's stage, or null when the last prefetch did not stage it.
+  const std::byte* staged_row(const layer_rec& L, std::uint32_t h, std::uint32_t group,
+                              std::uint32_t i) const {
+    for (const auto& st : L.staged)
+      if (st.head == h && st.group == group && i >= st.first && i - st.first < st.count)
+        return memory_.data(L.stage) + st.offset + std::size_t{i - st.first} * tier_row_bytes_;
+    return nullptr;
+  }
+  // A (slot, head) row between the working tier and a holding-tier record laid out as
+  // [K codes][V codes][K metadata][V metadata].
+  void gather_row(const layer_rec& L, std::uint32_t slot, std::uint32_t h, std::byte* dst) {
+    auto& ho = memory_.holding();
+    const std::size_t o = std::size_t{slot} * slot_stride_ + h * head_stride_ + L.off;
+    ho.copy_in(dst, base(L.k, L.kp) + o, code_bytes_);
+    ho.copy_in(dst + code_bytes_, base(L.v, L.vp) + o, code_bytes_);
+    if (scale_bytes_) {
+      const std::size_t so = std::size_t{slot} * scale_slot_stride_ + h * scale_head_stride_;
+      ho.copy_in(dst + 2 * code_bytes_, base(L.ks, L.ksp) + so, scale_bytes_);
+      ho.copy_in(dst + 2 * code_bytes_ + scale_bytes_, base(L.vs, L.vsp) + so, scale_bytes_);
+    }
+  }
+  void scatter_row(const layer_rec& L, std::uint32_t slot, std::uint32_t h, const std::byte* src) {
+    auto& ho = memory_.holding();
+    const std::size_t o = std::size_t{slot} * slot_stride_ + h * head_stride_ + L.off;
+    ho.copy_out(base(L.k, L.kp) + o, src, code_bytes_);
+    ho.copy_out(base(L.v, L.vp) + o, src + code_bytes_, code_bytes_);
+    if (scale_bytes_) {
+      const std::size_t so = std::size_t{slot} * scale_slot_stride_ + h * scale_head_stride_;
+      ho.copy_out(base(L.ks, L.ksp) + so, src + 2 * code_bytes_, scale_bytes_);
+      ho.copy_out(base(L.vs, L.vsp) + so, src + 2 * code_bytes_ + scale_bytes_, scale_bytes_);
     }
   }
 
@@ -1137,6 +1705,14 @@ class cache {
                                           " is not open (never opened, closed, or stale)"};
     return {};
   }
+  // check_seq, and the sequence is in the working tier (not held).
+  status check_active(seq_id s, const char* op) const {
+    KVCACHE_TRY(check_seq(s, op));
+    if (reg_.recs[s.index].held)
+      return {errc::invalid_argument, std::string(op) + ": sequence " + std::to_string(s.index) +
+                                          " is held in the holding tier; restore() it first"};
+    return {};
+  }
   status check_layer(std::uint32_t layer) const {
     if (layer >= cfg_.geo.layers)
       return {errc::layer_out_of_range, "layer " + std::to_string(layer) + " out of range (" +
@@ -1181,6 +1757,10 @@ class cache {
     if (q.queries == 0 || !q.data) return {errc::invalid_argument, "observe: no queries given"};
     return {};
   }
+  status check_signal(const layer_rec&, const probe_signal& q) const {
+    if (q.queries == 0 || !q.data) return {errc::invalid_argument, "observe: no probe queries given"};
+    return {};
+  }
   status check_signal(const layer_rec& L, const attention_sum_signal& a) const {
     if (a.query_heads != cfg_.geo.query_heads || a.slots != L.table.rows())
       return {errc::shape_mismatch,
@@ -1216,6 +1796,11 @@ class cache {
       return {errc::shape_mismatch, "observe: signal covers " + std::to_string(sig.tokens) +
                                         " tokens but only " + std::to_string(L.seen) +
                                         " were appended"};
+    const void* data = nullptr;
+    if constexpr (requires { sig.data; }) data = sig.data;
+    else if constexpr (requires { sig.flags; }) data = sig.flags;
+    else data = sig.ids;
+    if (sig.tokens > 0 && !data) return {errc::invalid_argument, "observe: signal data is null"};
     return {};
   }
 
@@ -1238,6 +1823,9 @@ class cache {
   detail::seq_registry<seq_rec> reg_;
   detail::fresh_mutex serial_;  // calls into a policy/quantizer with shared state (serialize())
   detail::fresh_mutex ahead_;   // map_ahead's scratch
+  detail::tier_counters tc_;    // moves between tiers (stats().tier)
+  std::size_t tier_row_bytes_ = 0;  // a (token, head) row moved between tiers: K, V codes, metadata
+  std::size_t stage_bytes_ = 0;     // capacity of a layer's prefetch staging range
   std::vector<write_request> ahead_requests_;
 };
 

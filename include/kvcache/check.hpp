@@ -253,6 +253,7 @@ struct cache_access {
       ++open;
       KVCACHE_TRY(check_sequence(c, i, all_layers, /*decode=*/true));
       for (const auto& L : rec.layers) {
+        if (L.stage != no_range) owned.push_back(L.stage);
         if (L.off != 0) continue;  // layers > 0 of shared ranges: layer 0 owns them
         const range_id rs[] = {L.k, L.v, L.ks, L.vs, L.kr};  // (nvcc takes no braced list here)
         for (range_id r : rs)
@@ -301,6 +302,7 @@ struct cache_access {
 
   template <class C>
   static status check_memory(const C& c) {
+    if constexpr (C::has_tiers) KVCACHE_TRY(c.memory_.holding().check());
     if constexpr (backend_self_check<typename C::memory_type>) return c.memory_.check();
     else return {};
   }
@@ -324,6 +326,12 @@ struct cache_access {
       if (L.layer != l) return violation(at, "record says layer " + std::to_string(L.layer));
       KVCACHE_TRY(check_slot_table(L.table, g.kv_heads, cfg.max_tokens, L.seen, at));
       KVCACHE_TRY(check_policy_state(c.policy_, L.state, L.table, at));
+      if (rec.held) {  // in the holding tier: no working-tier range until restore()
+        const range_id rs[] = {L.k, L.v, L.ks, L.vs, L.kr, L.stage};
+        for (range_id r : rs)
+          if (r != no_range) return violation(at, "held in the holding tier but owns range " + std::to_string(r));
+        continue;
+      }
       // ranges: present, active, of the expected capacity, backed below the frontiers
       const bool shared = L.off != 0;
       if (shared && (L.k != rec.layers[0].k || L.v != rec.layers[0].v))
@@ -471,6 +479,8 @@ struct cache_access {
         d.range(t.positions(), std::size_t{t.rows()} * t.heads());
         if constexpr (quant_token_grouped<Q>()) d.range(L.qend.data(), L.qend.size());
         digest_policy_state(d, L.state);
+        d.value(rec.held);
+        if (rec.held) continue;  // its bytes are in the holding tier (gauged below)
         const layer_view v = c.make_view(L);
         for (std::uint32_t s = 0; s < t.rows(); ++s)
           for (std::uint32_t h = 0; h < t.heads(); ++h) {
@@ -503,6 +513,8 @@ struct cache_access {
     d.value(m.pages_mapped - m.pages_idle);
     d.value(m.pages_shared);
     d.value(m.ranges_active);
+    d.value(st.tier.bytes_held);
+    d.value(st.tier.groups);
     return d.get();
   }
 };

@@ -17,17 +17,21 @@
 
 #include <kvcache/memory/backend.hpp>
 #include <kvcache/memory/heap.hpp>
+#include <kvcache/memory/holding_tier.hpp>
 #include <kvcache/memory/host_pages.hpp>
 #include <kvcache/memory/host_vmm.hpp>
 #include <kvcache/memory/page_bookkeeping.hpp>
+#include <kvcache/memory/tiered.hpp>
 #include <kvcache/memory/vmm.hpp>
 
 #include <kvcache/evict/budget.hpp>
+#include <kvcache/evict/episodic.hpp>
 #include <kvcache/evict/heavy_hitter.hpp>
 #include <kvcache/evict/keep_all.hpp>
 #include <kvcache/evict/policy.hpp>
 #include <kvcache/evict/scale_aware.hpp>
 #include <kvcache/evict/score.hpp>
+#include <kvcache/evict/sentence.hpp>
 #include <kvcache/evict/sink_window.hpp>
 #include <kvcache/evict/snapkv.hpp>
 

@@ -98,6 +98,25 @@ class sequence {
     if (!cache_) return empty_error("view");
     return cache_->view(id_, layer);
   }
+  //! Tiered memory (cache.hpp, "tiers"): stage a tiered policy's next fetches of `layer`.
+  status prefetch(std::uint32_t layer) {
+    if (!cache_) return empty_error("prefetch");
+    return cache_->prefetch(id_, layer);
+  }
+  //! Tiered memory: move the whole sequence to the holding tier, and back.
+  status hold()
+    requires Cache::has_tiers
+  {
+    if (!cache_) return empty_error("hold");
+    return cache_->hold(id_);
+  }
+  status restore()
+    requires Cache::has_tiers
+  {
+    if (!cache_) return empty_error("restore");
+    return cache_->restore(id_);
+  }
+  [[nodiscard]] bool held() const noexcept { return cache_ && cache_->is_held(id_); }
 
  private:
   static status empty_error(const char* op) {

@@ -56,6 +56,15 @@ struct boundary_signal {
   std::uint32_t tokens = 0;
 };
 
+//! Queries that attend to every cached token and are not cached themselves,
+//! `[queries][query_heads][head_dim]` in `type` (after RoPE): EpiCache's medoid patch, KVzip's
+//! reconstruction prompt. The engine runs them through the model without appending their K/V.
+struct probe_signal {
+  const void* data = nullptr;
+  dtype type = dtype::f32;
+  std::uint32_t queries = 0;
+};
+
 //! Scale index (visual autoregressive models) of each token just appended. `grid_h` x `grid_w` is
 //! the token map of the newest scale (row-major, the scale's tokens in that order); 0 = unknown.
 struct scale_signal {
@@ -78,7 +87,7 @@ inline constexpr bool is_signal =
     std::is_same_v<T, attention_signal> || std::is_same_v<T, attention_sum_signal> ||
     std::is_same_v<T, query_signal> ||
     std::is_same_v<T, key_signal> || std::is_same_v<T, boundary_signal> ||
-    std::is_same_v<T, scale_signal>;
+    std::is_same_v<T, scale_signal> || std::is_same_v<T, probe_signal>;
 
 namespace detail {
 template <class T, class... Pack>

@@ -23,6 +23,17 @@
 //!   for it. Policies whose budget comes from their own rules (H2O's ratio of the prompt, ScaleKV's
 //!   per-scale table, SnapKV compressing once) answer here; the cache evicts down to it.
 //! - `static constexpr bool never_evicts`: the cache skips eviction entirely.
+//!
+//! Tiered policies (SentenceKV) move tokens between the working tier and a holding tier instead
+//! of dropping them; the cache's memory must then be `tiered<...>` (memory/tiered.hpp). They
+//! provide, instead of (or besides) `select`:
+//! - `void plan(state&, const slot_table&, const key_reader&, std::uint32_t head,
+//!   std::uint32_t budget, tier_plan& out)`: at evict(), what `head` holds, drops and fetches
+//!   (see tier_plan); after it the head has at most `budget` live tokens. `out` arrives cleared;
+//!   the key reader reads the working tier's keys (as in the joint observe).
+//! - optionally `void predict(const state&, const slot_table&, std::uint32_t head,
+//!   std::uint32_t budget, std::vector<group_rows>& out) const`: held rows the next plan() will
+//!   probably fetch, for `cache::prefetch` (most likely first; rows already resident excluded).
 #pragma once
 
 #include <kvcache/config.hpp>
@@ -71,16 +82,67 @@ struct key_reader {
   }
 };
 
+//! Rows [first, first + count) of one group that the holding tier keeps for a (sequence, layer,
+//! head): a sentence, in the order its rows were held.
+struct group_rows {
+  std::uint32_t group = 0;
+  std::uint32_t first = 0;
+  std::uint32_t count = 0;
+  friend bool operator==(const group_rows&, const group_rows&) = default;
+};
+
+//! What a tiered policy asks of the cache for one head at evict(). The cache checks the plan
+//! whole (live slots, held rows, room) and then applies it in this order:
+//! 1. `hold`: copy the row of each slot to the end of its group in the holding tier (the slot
+//!    stays live: a token leaving the recent window whose sentence is also selected);
+//! 2. `drop`: vacate these live slots (no copy: held already, or pruned for good);
+//! 3. `fetch`: copy these held rows back into free slots of the head, each placed at its original
+//!    position (the tag it was held with). A fetched row must not be live already.
+struct tier_plan {
+  struct hold_row {
+    std::uint32_t slot = 0;
+    std::uint32_t group = 0;
+  };
+  std::vector<hold_row> hold;
+  std::vector<std::uint32_t> drop;
+  std::vector<group_rows> fetch;
+  void clear() noexcept {
+    hold.clear();
+    drop.clear();
+    fetch.clear();
+  }
+};
+
+namespace detail {
+template <class P>
+concept selects_victims = requires(P& p, typename P::state& st, const slot_table& t,
+                                   std::vector<std::uint32_t>& out) {
+  { p.select(st, t, std::uint32_t{}, std::uint32_t{}, out) } -> std::same_as<void>;
+};
+}  // namespace detail
+
+//! True when P moves tokens between tiers (has `plan`).
+template <class P>
+concept tiered_policy = requires(P& p, typename P::state& st, const slot_table& t,
+                                 const key_reader& keys, tier_plan& out) {
+  { p.plan(st, t, keys, std::uint32_t{}, std::uint32_t{}, out) } -> std::same_as<void>;
+};
+//! True when a tiered policy can tell what its next plan will fetch (`predict`).
+template <class P>
+concept predicts_fetches =
+    requires(const P& p, const typename P::state& st, const slot_table& t, std::vector<group_rows>& out) {
+      { p.predict(st, t, std::uint32_t{}, std::uint32_t{}, out) } -> std::same_as<void>;
+    };
+
 template <class P>
 concept eviction_policy =
     std::copy_constructible<typename P::state> &&
     requires(const P& cp, P& p, typename P::state& st, const slot_table& t, const placement& pl,
-             const policy_context& ctx, std::vector<std::uint32_t>& out) {
+             const policy_context& ctx) {
       typename P::signals;
       { cp.make_state(ctx) } -> std::same_as<typename P::state>;
       { p.on_append(st, t, pl) } -> std::same_as<void>;
-      { p.select(st, t, std::uint32_t{}, std::uint32_t{}, out) } -> std::same_as<void>;
-    };
+    } && (detail::selects_victims<P> || tiered_policy<P>);
 
 namespace detail {
 
