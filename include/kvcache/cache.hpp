@@ -412,7 +412,8 @@ class cache {
     release_ranges(rec.layers);  // each range exactly once: release_ranges forgets their ids
     rec.layers.clear();
     if constexpr (has_tiers) memory_.holding().erase_owner(owner_of(s));
-    rec.held = false;
+    rec.held = rec.rows_held = false;
+    rec.spans.clear();
     const std::lock_guard<std::mutex> lock(reg_.m);
     rec.open.store(false, std::memory_order_release);
     rec.generation.fetch_add(1, std::memory_order_release);  // stale ids stop matching
@@ -818,8 +819,9 @@ class cache {
   }
 
   //! Moves a whole sequence out of the working tier into the holding tier (an EpiCache episode
-  //! that is not in use): its live (token, head) rows are copied there (for KIVI's token-grouped
-  //! keys, the used bytes of its ranges) and the ranges go back to the memory backend, their
+  //! that is not in use): the used bytes of its ranges are copied there, as a few large copies,
+  //! or, where eviction left many holes (live rows under 3/4 of those bytes) and the format is
+  //! per row, only its live (token, head) rows; the ranges go back to the memory backend, their
   //! pages to the pool. Its slot tables and policy state stay; calls
   //! that read or write its K/V refuse it until restore(). close() drops it where it is.
   status hold(seq_id s)
@@ -836,13 +838,17 @@ class cache {
                     "hold: sequence " + std::to_string(s.index) + " needs " + std::to_string(need) +
                         " bytes of the holding tier, which has " + std::to_string(free) + " free"};
     };
-    if constexpr (!quant_token_grouped<Quant>()) {
-      // Per-row formats: the live rows only (holes stay behind), a group per (layer, head),
-      // each row tagged with its slot.
-      std::uint64_t rows = 0;
-      for (const auto& L : rec.layers) rows += L.table.live_total();
-      const std::size_t rb = tier_row_bytes_;
-      if (rows * (rb + sizeof(std::int32_t)) > free) return too_big(rows * (rb + sizeof(std::int32_t)));
+    std::vector<held_span> spans;  // the used extents of the ranges, holes included
+    backed_spans(rec, spans);
+    std::size_t extent_bytes = 0;
+    for (const auto& sp : spans) extent_bytes += sp.end - sp.begin + sizeof(std::int32_t);
+    std::uint64_t rows = 0;
+    for (const auto& L : rec.layers) rows += L.table.live_total();
+    const std::size_t rb = tier_row_bytes_, row_bytes = rows * (rb + sizeof(std::int32_t));
+    // Per-row formats with many holes (eviction): the live rows only, a group per (layer, head),
+    // each row tagged with its slot. Otherwise the extents: a few large copies.
+    if (!quant_token_grouped<Quant>() && row_bytes * 4 <= extent_bytes * 3) {
+      if (row_bytes > free) return too_big(row_bytes);
       auto& tags = rec.sc.tags;
       for (std::uint32_t l = 0; l < cfg_.geo.layers; ++l)
         for (std::uint32_t h = 0; h < cfg_.geo.kv_heads; ++h) {
@@ -862,14 +868,11 @@ class cache {
         }
       tc_.add(tc_.demoted, rows * rb);
       release_ranges(rec.layers);
-      rec.held = true;
+      rec.spans.clear();
+      rec.held = rec.rows_held = true;
       return {};
     }
-    // Token-grouped keys (KIVI): the bytes of the used extents, whatever they hold.
-    std::vector<held_span> spans;
-    backed_spans(rec, spans);
-    std::size_t need = 0;
-    for (const auto& sp : spans) need += sp.end - sp.begin + sizeof(std::int32_t);
+    const std::size_t need = extent_bytes;
     if (need > free) return too_big(need);
     const std::int32_t tag = 0;
     for (std::size_t i = 0; i < spans.size(); ++i) {
@@ -886,6 +889,7 @@ class cache {
     release_ranges(rec.layers);
     rec.spans = std::move(spans);
     rec.held = true;
+    rec.rows_held = false;
     return {};
   }
 
@@ -902,7 +906,7 @@ class cache {
               "restore: sequence " + std::to_string(s.index) + " is not held (hold() it first)"};
     auto& ho = memory_.holding();
     auto& sc = rec.sc;
-    if constexpr (!quant_token_grouped<Quant>()) {
+    if (rec.rows_held) {
       KVCACHE_TRY(acquire_ranges(rec.layers, std::size_t{rec.layers[0].table.rows()} * slot_stride_));
       sc.requests.clear();
       for (const auto& L : rec.layers) row_requests(L, 0, L.table.rows(), sc.requests);
@@ -921,7 +925,7 @@ class cache {
           ho.erase(live_key(s, l, h));
         }
       tc_.add(tc_.promoted, bytes);
-      rec.held = false;
+      rec.held = rec.rows_held = false;
       return {};
     }
     std::size_t hint = 0;  // best fit for what layer 0's K used
@@ -1079,7 +1083,8 @@ class cache {
     std::atomic<std::uint32_t> generation{0};
     std::atomic<bool> open{false};
     bool held = false;  // in the holding tier (hold()): no working-tier ranges until restore()
-    std::vector<held_span> spans;  // while held: where each held byte span goes back
+    std::vector<held_span> spans;  // while held by extents: where each held byte span goes back
+    bool rows_held = false;        // held as live rows (per (layer, head) groups), not extents
     scratch sc;
   };
   friend struct detail::cache_access;  // check_invariants, state_digest (check.hpp)

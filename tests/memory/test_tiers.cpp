@@ -220,10 +220,9 @@ TEMPLATE_TEST_CASE("hold and restore a sequence byte for byte", "[tiers]", passt
     const auto t = c.stats().tier;
     CHECK(t.bytes_held > 0);
     CHECK(t.bytes_demoted < t.bytes_held);
-    if (per_row) {  // the live rows and a slot tag each: K, V codes and metadata
-      const std::size_t rb = 2 * (TestType{}.code_bytes(c.geo()) + TestType{}.scale_bytes(c.geo()));
-      CHECK(t.bytes_held - before_held == (live - c.stats().entries_live) * (rb + 4));
-    }
+    // no holes: the used extents, at least every live row's bytes
+    const std::size_t rb = 2 * (TestType{}.code_bytes(c.geo()) + TestType{}.scale_bytes(c.geo()));
+    if (per_row) CHECK(t.bytes_held - before_held >= (live - c.stats().entries_live) * rb);
     CHECK(c.stats().memory.pages_in_use() - c.stats().memory.pages_idle < pages);  // pages went back
     // reads and writes of a held sequence are refused; other sequences go on
     CHECK(c.view(s, 0).error().code() == errc::invalid_argument);
@@ -249,7 +248,7 @@ TEMPLATE_TEST_CASE("hold and restore a sequence byte for byte", "[tiers]", passt
   }
 }
 
-TEST_CASE("hold keeps the live rows only: holes stay behind", "[tiers]") {
+TEST_CASE("hold keeps the live rows only when eviction left holes", "[tiers]") {
   std::mt19937 rng(13);
   cache<tiered_vmm, sink_window> c(config(layout::token_major, range_scope::per_layer, 16), make_memory(),
                                    sink_window(4));
